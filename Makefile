@@ -1,0 +1,64 @@
+# jobworker — developer entry points. Every target bootstraps the venv it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST := $(PY) -m pytest
+
+.PHONY: venv run test test-unit test-integration test-kernel stress lint coverage example concurrent bench proto proto-check clean
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+## The two README commands
+run: venv
+	$(PY) scripts/demo.py
+
+test: venv
+	$(PYTEST) -q
+
+test-unit: venv
+	$(PYTEST) -q tests/unit
+
+test-integration: venv
+	$(PYTEST) -q tests/integration
+
+## Pure cgroup v2 kernel tier, in a throw-away QEMU VM
+test-kernel: venv
+	scripts/kernel-vm.sh -- $(abspath $(PY)) -m pytest -q -p no:cacheprovider -m kernel tests/kernel
+
+stress: venv
+	PYTHONASYNCIODEBUG=1 $(PYTEST) -q -m "stress or not stress" -W error::RuntimeWarning tests/integration
+
+lint: venv
+	$(VENV)/bin/ruff check src tests examples scripts
+	$(VENV)/bin/ruff format --check src tests examples scripts
+	$(VENV)/bin/mypy
+
+coverage: venv
+	$(PY) -m pip install -q coverage
+	$(PY) -m coverage run --source=jobworker -m pytest -q
+	$(PY) -m coverage report
+
+example: venv
+	$(PY) examples/tail.py sh -c 'for i in 1 2 3; do echo "line $$i"; done'
+
+concurrent: venv
+	$(PY) examples/concurrent.py 100 sh -c 'for i in $$(seq 1 200); do echo "tick $$i"; done'
+
+bench: venv
+	$(PY) -m bench
+
+proto: venv
+	scripts/gen-proto.sh
+
+proto-check: venv
+	scripts/gen-proto.sh --check
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

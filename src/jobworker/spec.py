@@ -1,0 +1,127 @@
+"""Client-visible values: what a job is asked to be (:class:`JobSpec`) and what it is
+(:class:`JobStatus`). Pure data, no handles; safe to serialise, compare and persist."""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from jobworker.errors import InvalidArgument
+from jobworker.limits import Limits
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+MINIMAL_ENV: Mapping[str, str] = {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8", "HOME": "/"}
+"""What every job's environment starts from; the request's variables are laid on top.
+Never the daemon's own environment."""
+
+MAX_ARG_BYTES = 128 * 1024
+"""Linux's MAX_ARG_STRLEN: execve refuses a longer single argument or variable."""
+MAX_ARGV_ENV_BYTES = 1024 * 1024
+"""Our cap on argv + env together (the kernel allows about a quarter of the stack rlimit)."""
+MAX_OWNER_BYTES = 256
+
+
+class JobState(enum.StrEnum):
+    RUNNING = "running"
+    EXITED = "exited"
+    """Ended on its own (any exit code or signal)."""
+    STOPPED = "stopped"
+    """Ended because someone asked (stop, or manager shutdown)."""
+    LOST = "lost"
+    """Was running when the daemon died; killed through its cgroup at the next start."""
+
+    @property
+    def ended(self) -> bool:
+        return self is not JobState.RUNNING
+
+
+def _check_text(what: str, value: str, limit: int = MAX_ARG_BYTES) -> None:
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what} must be a string, got {type(value).__name__}")
+    if "\0" in value:
+        raise InvalidArgument(f"{what} contains a NUL byte, which a process cannot receive")
+    if len(os.fsencode(value)) > limit:
+        raise InvalidArgument(f"{what} is longer than {limit} bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """What to run. Validated on construction: a bad spec never reaches the host."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Variables added to :data:`MINIMAL_ENV` (they override it)."""
+    cwd: str = "/"
+    owner: str = ""
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.argv, str | bytes) or not self.argv:
+            raise InvalidArgument("argv must be a non-empty list of strings (the command first)")
+        object.__setattr__(self, "argv", tuple(self.argv))
+        if self.argv[0] == "":
+            raise InvalidArgument("argv[0] (the command) must not be empty")
+        total = 0
+        for i, arg in enumerate(self.argv):
+            _check_text(f"argv[{i}]", arg)
+            total += len(os.fsencode(arg)) + 1
+        for key, value in self.env.items():
+            _check_text("environment variable name", key)
+            if not key or "=" in key:
+                raise InvalidArgument(
+                    f"environment variable name {key!r} must be non-empty and contain no '='"
+                )
+            _check_text(f"environment variable {key}", value)
+            total += len(os.fsencode(key)) + len(os.fsencode(value)) + 2
+        if total > MAX_ARGV_ENV_BYTES:
+            raise InvalidArgument(
+                f"argv and env together are {total} bytes; at most {MAX_ARGV_ENV_BYTES} are accepted"
+            )
+        _check_text("cwd", self.cwd, 4096)
+        if not self.cwd.startswith("/"):
+            raise InvalidArgument(f"cwd must be an absolute path, got {self.cwd!r}")
+        _check_text("owner", self.owner, MAX_OWNER_BYTES)
+
+    def full_env(self) -> dict[str, str]:
+        """The environment the job really gets."""
+        return {**MINIMAL_ENV, **self.env}
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Resource usage read from the job's cgroup (live while running, final after)."""
+
+    cpu_user_usec: int = 0
+    cpu_system_usec: int = 0
+    memory_current: int = 0
+    memory_peak: int | None = None
+    io_read_bytes: int = 0
+    io_write_bytes: int = 0
+    nr_throttled: int = 0
+    pids_current: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    """A snapshot of one job."""
+
+    id: str
+    state: JobState
+    argv: tuple[str, ...]
+    owner: str
+    pid: int
+    started_at: datetime
+    ended_at: datetime | None = None
+    exit_code: int | None = None
+    """Set when the main process exited normally."""
+    signal: int | None = None
+    """Set when the main process was killed by a signal."""
+    reason: str = ""
+    """Why the job ended when it was not simply its own exit (who stopped it, lost, log cap)."""
+    oom_killed: bool = False
+    limits: Limits = field(default_factory=Limits)
+    usage: Usage | None = None
+    output_bytes: int = 0
