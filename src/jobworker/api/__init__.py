@@ -1,0 +1,1 @@
+"""Wire protocol of jobworker: generated protobuf/gRPC code, one subpackage per API version."""
