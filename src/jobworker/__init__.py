@@ -1,0 +1,39 @@
+"""jobworker: run Linux processes in their own cgroup v2, capture and stream their output.
+
+The public library API is re-exported here; the modules behind it are private machinery.
+The core (this package minus ``service``, ``client``, ``daemon``, ``cli``) does not import grpc.
+"""
+
+from jobworker.errors import (
+    HostError,
+    InvalidArgument,
+    JobNotFound,
+    JobworkerError,
+    LimitUnavailable,
+    PermissionDenied,
+    ShuttingDown,
+    SpawnError,
+)
+from jobworker.limits import IOLimit, Limits
+from jobworker.manager import JobManager
+from jobworker.spawner import Credentials
+from jobworker.spec import JobSpec, JobState, JobStatus, Usage
+
+__all__ = [
+    "Credentials",
+    "HostError",
+    "IOLimit",
+    "InvalidArgument",
+    "JobManager",
+    "JobNotFound",
+    "JobSpec",
+    "JobState",
+    "JobStatus",
+    "JobworkerError",
+    "LimitUnavailable",
+    "Limits",
+    "PermissionDenied",
+    "ShuttingDown",
+    "SpawnError",
+    "Usage",
+]

@@ -1,0 +1,208 @@
+"""The spawner: a small single-threaded process that forks jobs into their cgroups.
+
+Why a separate process: the daemon runs gRPC's threads, and forking a threaded process then
+running Python in the child is unsafe (grpc/grpc#17986). This process is started with a fresh
+interpreter (``python -I -S _spawner.py FD``, so it inherits no threads and imports only the
+standard library) and never starts a thread. For each job it forks; the child writes itself
+into the job's ``cgroup.procs`` *before* ``execve``, so the job's first instruction — and every
+process it forks — is already inside its cgroup.
+
+It is also the parent (and, via PR_SET_CHILD_SUBREAPER, the reaper of orphans) of every job,
+so it reports each job's wait status back to the daemon. It exits when the daemon's end of the
+socket closes.
+
+Wire format on the stream socket, both ways: 4-byte big-endian length + a ``marshal``-ed tuple.
+Requests: ``("spawn", req_id, path, argv, env, cwd, uid, gid, groups)`` with two fds attached
+(cgroup.procs of the job's group, the write end of its output pipe).
+Replies: ``("ok", req_id, pid)`` or ``("err", req_id, errno, stage)``; events: ``("exit", pid, status)``.
+
+This file must import nothing from jobworker: it runs as a plain script.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import errno
+import marshal
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+
+HEADER = struct.Struct(">I")
+MAX_MESSAGE = 8 * 1024 * 1024
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
+
+
+def send_message(sock: socket.socket, message: tuple[object, ...], fds: list[int] = ()) -> None:  # type: ignore[assignment]
+    payload = marshal.dumps(message)
+    data = HEADER.pack(len(payload)) + payload
+    if fds:
+        sent = sock.sendmsg(
+            [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        )
+        data = data[sent:]
+    if data:
+        sock.sendall(data)
+
+
+class Reader:
+    """Reassembles framed messages from a blocking or non-blocking stream socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.fds: list[int] = []
+
+    def feed(self) -> bool:
+        """Read once; ``False`` on EOF. Raises BlockingIOError when nothing is there."""
+        data, ancdata, _flags, _addr = self.sock.recvmsg(
+            1 << 20, socket.CMSG_SPACE(16 * 4), socket.MSG_CMSG_CLOEXEC
+        )
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(cdata[: len(cdata) - (len(cdata) % fds.itemsize)])
+                self.fds.extend(fds)
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    def messages(self) -> list[tuple[object, ...]]:
+        out = []
+        while len(self.buf) >= HEADER.size:
+            (size,) = HEADER.unpack_from(self.buf)
+            if size > MAX_MESSAGE:
+                raise ValueError(f"spawner message of {size} bytes is too large")
+            if len(self.buf) < HEADER.size + size:
+                break
+            out.append(marshal.loads(bytes(self.buf[HEADER.size : HEADER.size + size])))
+            del self.buf[: HEADER.size + size]
+        return out
+
+    def take_fds(self, n: int) -> list[int]:
+        fds, self.fds = self.fds[:n], self.fds[n:]
+        return fds
+
+
+def _child(
+    procs_fd: int,
+    out_fd: int,
+    devnull: int,
+    err_w: int,
+    path: bytes,
+    argv: list[bytes],
+    env: list[bytes],
+    cwd: bytes,
+    uid: int,
+    gid: int,
+    groups: list[int],
+) -> None:
+    stage = "cgroup"
+    try:
+        os.write(procs_fd, b"0")
+        stage = "setsid"
+        os.setsid()
+        stage = "stdio"
+        os.dup2(devnull, 0)
+        os.dup2(out_fd, 1)
+        os.dup2(out_fd, 2)
+        stage = "cwd"
+        os.chdir(cwd)
+        stage = "credentials"
+        if gid >= 0:
+            os.setgroups(groups)
+            os.setgid(gid)
+        if uid >= 0:
+            os.setuid(uid)
+        stage = "exec"
+        # Python ignores SIGPIPE and SIGXFSZ; an ignored signal stays ignored across exec.
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        os.execve(path, argv, dict(e.split(b"=", 1) for e in env))  # type: ignore[misc]
+    except OSError as e:
+        os.write(err_w, marshal.dumps((e.errno or errno.EIO, stage)))
+    finally:
+        os._exit(127)
+
+
+def _spawn(sock: socket.socket, devnull: int, msg: tuple[object, ...], fds: list[int]) -> None:
+    _op, req_id, path, argv, env, cwd, uid, gid, groups = msg
+    procs_fd, out_fd = fds
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _child(procs_fd, out_fd, devnull, err_w, path, argv, env, cwd, uid, gid, groups)  # type: ignore[arg-type]
+        os.close(err_w)
+        err_w = -1
+        report = b""
+        while chunk := os.read(err_r, 4096):  # EOF at exec: the pipe is close-on-exec
+            report += chunk
+    finally:
+        for fd in (procs_fd, out_fd, err_r, err_w):
+            if fd >= 0:
+                os.close(fd)
+    if report:
+        os.waitpid(pid, 0)
+        err, stage = marshal.loads(report)
+        send_message(sock, ("err", req_id, err, stage))
+    else:
+        send_message(sock, ("ok", req_id, pid))
+
+
+def _reap(sock: socket.socket) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        send_message(sock, ("exit", pid, status))
+
+
+def main(fd: int) -> None:
+    sock = socket.socket(fileno=fd)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    # The daemon's terminal signals are not ours: it tells us to stop by closing the socket.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    reader = Reader(sock)
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    while True:
+        try:
+            events = poller.poll()
+        except InterruptedError:
+            continue
+        for ready, _mask in events:
+            if ready == wake_r:
+                try:
+                    while os.read(wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+                _reap(sock)
+                continue
+            if not reader.feed():
+                return
+            for msg in reader.messages():
+                if msg[0] == "spawn":
+                    _spawn(sock, devnull, msg, reader.take_fds(2))
+        _reap(sock)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))

@@ -1,0 +1,434 @@
+"""The job manager: the library's public face for running jobs.
+
+One manager owns a state directory and a group in the cgroup tree. It is asyncio-native; all
+methods must be called from the loop that opened it. Runtime handles (fds, futures, the
+supervising task) live in :class:`_Job`; callers only ever see :class:`JobStatus` snapshots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import resource
+import shutil
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from jobworker.cgroup import controllers
+from jobworker.cgroup.discovery import own_cgroup_dir
+from jobworker.cgroup.tree import CgroupTree, open_procs
+from jobworker.cgroup.watch import EventsWatcher
+from jobworker.errors import HostError, JobNotFound, ShuttingDown, SpawnError
+from jobworker.output import OutputPump, read_output
+from jobworker.spawner import Credentials, Spawner, describe_wait_status
+from jobworker.spec import JobSpec, JobState, JobStatus, Usage
+from jobworker.store import Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STOP_GRACE = 2.0
+FREEZE_TIMEOUT = 1.0
+"""How long to wait for a freeze before signalling anyway (a task in D state delays it)."""
+EOF_TIMEOUT = 2.0
+"""After the cgroup is empty, how long a pipe writer outside it may keep the output open."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Job:
+    __slots__ = (
+        "ended",
+        "exit_code",
+        "group",
+        "id",
+        "pump",
+        "signal",
+        "spec",
+        "status",
+        "stop_reason",
+        "task",
+    )
+
+    def __init__(self, spec: JobSpec, status: JobStatus) -> None:
+        self.id = status.id
+        self.spec = spec
+        self.status = status
+        self.group: Path | None = None
+        self.pump: OutputPump | None = None
+        self.stop_reason: str | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.ended = asyncio.Event()
+        if status.state.ended:
+            self.ended.set()
+
+
+def resolve_command(argv0: str, path_var: str, cwd: str) -> str:
+    """The file execve will run, resolved the way execvp would, or a :class:`SpawnError`."""
+    if not os.path.isdir(cwd):
+        raise SpawnError(f"working directory {cwd!r} does not exist or is not a directory")
+    if "/" in argv0:
+        candidate = argv0 if argv0.startswith("/") else os.path.join(cwd, argv0)
+        if not os.path.exists(candidate):
+            raise SpawnError(f"command not found: {argv0!r} (no such file)")
+        if os.path.isdir(candidate) or not os.access(candidate, os.X_OK):
+            raise SpawnError(f"cannot execute {argv0!r}: not an executable file")
+        return candidate
+    found = shutil.which(argv0, path=path_var)
+    if found is None:
+        raise SpawnError(f"command not found: {argv0!r} (searched PATH={path_var})")
+    if not found.startswith("/"):
+        found = os.path.join(cwd, found)
+    return found
+
+
+class JobManager:
+    """Starts, tracks, stops and streams jobs. Get one with :meth:`open`."""
+
+    def __init__(self, *, _token: object) -> None:
+        if _token is not _OPEN:
+            raise TypeError("use `await JobManager.open(...)` to create a JobManager")
+        self._jobs: dict[str, _Job] = {}
+        self._closing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    async def open(
+        cls,
+        state_dir: Path,
+        *,
+        cgroup_root: Path | None = None,
+        cgroup_name: str = "jobworker",
+        stop_grace: float = DEFAULT_STOP_GRACE,
+        credentials: Credentials | None = None,
+    ) -> JobManager:
+        """Create the cgroup parent and state dir, start the spawner, recover old records.
+
+        ``cgroup_root`` is the delegated group to work in (default: this process's own, from
+        /proc/self/cgroup and mountinfo). Records of jobs that were running when a previous
+        manager died are marked lost and their cgroups killed and removed.
+        """
+        self = cls(_token=_OPEN)
+        self._stop_grace = stop_grace
+        self._credentials = credentials or Credentials()
+        self._store = Store(state_dir)
+        self._store.setup()
+        self._tree = CgroupTree(cgroup_root or own_cgroup_dir(), cgroup_name)
+        self._tree.setup()
+        _raise_nofile_limit()
+        self._spawner = await Spawner.start()
+        try:
+            self._available = controllers.enable(self._tree.delegated, self._tree.parent)
+            self._watcher = EventsWatcher()
+            await self._recover()
+        except BaseException:
+            await self._spawner.close()
+            raise
+        return self
+
+    @property
+    def available_controllers(self) -> frozenset[str]:
+        return self._available
+
+    @property
+    def cgroup_parent(self) -> Path:
+        return self._tree.parent
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def _get(self, job_id: str) -> _Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    def status(self, job_id: str) -> JobStatus:
+        """A snapshot; a running job's usage is read live from its cgroup."""
+        job = self._get(job_id)
+        if job.status.state is JobState.RUNNING and job.group is not None:
+            usage: Usage | None
+            try:
+                usage = controllers.read_usage(job.group)
+            except HostError:
+                usage = None  # the group is being removed right now
+            return replace(
+                job.status,
+                usage=usage,
+                output_bytes=job.pump.size if job.pump else job.status.output_bytes,
+            )
+        return job.status
+
+    def spec(self, job_id: str) -> JobSpec:
+        return self._get(job_id).spec
+
+    def list(self) -> list[JobStatus]:
+        """Every known job, oldest first (live usage omitted: ask :meth:`status`)."""
+        return [
+            replace(j.status, output_bytes=j.pump.size) if j.pump else j.status
+            for j in self._jobs.values()
+        ]
+
+    async def wait(self, job_id: str) -> JobStatus:
+        job = self._get(job_id)
+        await job.ended.wait()
+        return job.status
+
+    def output(
+        self, job_id: str, offset: int = 0, follow: bool = False
+    ) -> AsyncIterator[bytes]:
+        """The job's bytes from ``offset``: what exists now, or with ``follow`` until the job
+        has ended and every byte is delivered. Any number of readers may run at once."""
+        job = self._get(job_id)
+        return read_output(self._store.log_path(job.id), offset, job.pump, follow)
+
+    # -- start -----------------------------------------------------------------------------
+
+    async def start(self, spec: JobSpec) -> JobStatus:
+        """Start a job. Raises :class:`SpawnError` (nothing is left behind),
+        :class:`LimitUnavailable`, :class:`ShuttingDown` or :class:`HostError`."""
+        if self._closing:
+            raise ShuttingDown("the job manager is shutting down; no new jobs are accepted")
+        controllers.check(spec.limits, self._available)
+        env = spec.full_env()
+        path = resolve_command(spec.argv[0], env["PATH"], spec.cwd)
+        job_id = str(uuid.uuid4())
+        with contextlib.ExitStack() as undo:
+            log_fd = self._store.create(job_id)
+            undo.callback(self._store.discard, job_id)
+            undo.callback(_close_quietly, log_fd)
+            group = self._tree.create(job_id)
+            undo.callback(self._tree.try_remove, group)
+            controllers.apply(group, spec.limits)
+            self._watcher.watch(group)
+            undo.callback(self._watcher.unwatch, group)
+            pipe_r, pipe_w = OutputPump.make_pipe()
+            undo.callback(_close_quietly, pipe_r)
+            procs_fd = open_procs(group)
+            try:
+                spawned = await self._spawner.spawn(
+                    path, spec.argv, env, spec.cwd, procs_fd, pipe_w, self._credentials
+                )
+            finally:
+                os.close(procs_fd)
+                os.close(pipe_w)
+            undo.pop_all()
+        status = JobStatus(
+            id=job_id,
+            state=JobState.RUNNING,
+            argv=spec.argv,
+            owner=spec.owner,
+            pid=spawned.pid,
+            started_at=_now(),
+            limits=spec.limits,
+        )
+        job = _Job(spec, status)
+        job.group = group
+        job.pump = OutputPump(log_fd, pipe_r, lambda e: self._on_log_error(job, e))
+        self._jobs[job_id] = job
+        job.task = asyncio.create_task(self._supervise(job, spawned.exit_status))
+        try:
+            self._store.save(spec, status)
+        except HostError:
+            log.exception("job %s: record not written at start", job_id)
+        return status
+
+    def _on_log_error(self, job: _Job, e: OSError) -> None:
+        reason = f"output log write failed: {e.strerror}"
+        log.error("job %s: %s; stopping it", job.id, reason)
+        self._spawn_task(self.stop(job.id, reason=reason))
+
+    def _spawn_task(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- the end of a job ------------------------------------------------------------------
+
+    async def _wait_empty(self, group: Path) -> None:
+        while self._tree.populated(group):
+            await self._watcher.changed(group)
+
+    async def _supervise(self, job: _Job, exit_status: asyncio.Future[int]) -> None:
+        """Runs for the life of one job: a task (not a thread) woken by events only."""
+        group = job.group
+        assert group is not None and job.pump is not None
+        exit_code: int | None = None
+        sig: int | None = None
+        reason = ""
+        try:
+            status = await exit_status
+            exit_code, sig = describe_wait_status(status)
+        except HostError as e:
+            reason = str(e)
+        usage: Usage | None = None
+        oom = False
+        try:
+            # A job has ended when its cgroup is empty: kill what the main process left behind.
+            if self._tree.populated(group):
+                self._tree.kill(group)
+                await self._wait_empty(group)
+            if not await job.pump.wait_eof(EOF_TIMEOUT):
+                log.warning("job %s: output still held open outside its cgroup", job.id)
+                job.pump.abandon()
+            usage = controllers.read_usage(group)
+            oom = controllers.oom_killed(group)
+        except HostError as e:
+            log.exception("job %s: cleanup failed", job.id)
+            reason = reason or str(e)
+        finally:
+            self._watcher.unwatch(group)
+        try:
+            await self._tree.remove(group)
+        except HostError as e:
+            log.error("job %s: %s", job.id, e)
+        job.group = None
+        if job.stop_reason is not None:
+            state, reason = JobState.STOPPED, job.stop_reason
+        else:
+            state = JobState.EXITED
+        job.status = replace(
+            job.status,
+            state=state,
+            ended_at=_now(),
+            exit_code=exit_code,
+            signal=sig,
+            reason=reason,
+            oom_killed=oom,
+            usage=usage,
+            output_bytes=job.pump.size,
+        )
+        job.pump = None
+        try:
+            self._store.save(job.spec, job.status)
+        except HostError:
+            log.exception("job %s: final record not written", job.id)
+        job.ended.set()
+
+    # -- stop ------------------------------------------------------------------------------
+
+    async def stop(
+        self, job_id: str, grace: float | None = None, reason: str = "stopped on request"
+    ) -> JobStatus:
+        """SIGTERM every process of the job, wait ``grace`` seconds, then ``cgroup.kill``.
+
+        Stopping an ended job is not an error: it returns the final status.
+        """
+        job = self._get(job_id)
+        if job.ended.is_set():
+            return job.status
+        if job.stop_reason is None:
+            job.stop_reason = reason
+        grace = self._stop_grace if grace is None else grace
+        group = job.group
+        if group is not None:
+            with contextlib.suppress(HostError):
+                await self._terminate(group)
+        try:
+            await asyncio.wait_for(job.ended.wait(), grace)
+        except TimeoutError:
+            if job.group is not None:
+                with contextlib.suppress(HostError):
+                    self._tree.kill(job.group)
+            await job.ended.wait()
+        return job.status
+
+    async def _terminate(self, group: Path) -> None:
+        """SIGTERM to every process in the group, frozen so none can fork or exit meanwhile
+        (no pid can be reused between reading cgroup.procs and kill)."""
+        self._tree.freeze(group, True)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FREEZE_TIMEOUT):
+                    while self._tree.events(group).get("frozen") != 1:
+                        await self._watcher.changed(group)
+            for pid in self._tree.procs(group):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        finally:
+            self._tree.freeze(group, False)
+
+    # -- recovery and shutdown -------------------------------------------------------------
+
+    async def _recover(self) -> None:
+        for spec, status in self._store.load_all():
+            if status.state is JobState.RUNNING:
+                status = await self._mark_lost(spec, status)
+            self._jobs[status.id] = _Job(spec, status)
+        for name in self._tree.existing():
+            if name not in self._jobs or not self._jobs[name].status.state.ended:
+                await self._kill_group(self._tree.group(name))
+            else:
+                await self._kill_group(self._tree.group(name))
+
+    async def _kill_group(self, group: Path) -> None:
+        self._watcher.watch(group)
+        try:
+            if self._tree.populated(group):
+                self._tree.kill(group)
+                await self._wait_empty(group)
+        finally:
+            self._watcher.unwatch(group)
+        await self._tree.remove(group)
+
+    async def _mark_lost(self, spec: JobSpec, status: JobStatus) -> JobStatus:
+        group = self._tree.group(status.id)
+        if group.exists():
+            await self._kill_group(group)
+        size = 0
+        with contextlib.suppress(OSError):
+            size = self._store.log_path(status.id).stat().st_size
+        lost = replace(
+            status,
+            state=JobState.LOST,
+            ended_at=_now(),
+            reason="the daemon stopped while the job was running; killed at restart",
+            output_bytes=size,
+        )
+        self._store.save(spec, lost)
+        return lost
+
+    async def close(self) -> None:
+        """Stop every running job, remove their cgroups and stop the spawner. Logs and records
+        stay. Idempotent."""
+        if self._closing:
+            await asyncio.gather(*(j.ended.wait() for j in self._jobs.values()))
+            return
+        self._closing = True
+        running = [j.id for j in self._jobs.values() if not j.ended.is_set()]
+        await asyncio.gather(
+            *(self.stop(i, reason="stopped: the job manager shut down") for i in running)
+        )
+        tasks = [j.task for j in self._jobs.values() if j.task is not None]
+        await asyncio.gather(*tasks, *self._tasks, return_exceptions=True)
+        self._watcher.close()
+        await self._spawner.close()
+        self._tree.teardown()
+
+    async def __aenter__(self) -> JobManager:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+_OPEN = object()
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _raise_nofile_limit() -> None:
+    """Each follower holds an fd on its job's log: allow as many as the hard limit does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -1,0 +1,160 @@
+"""A job's output: the pump that moves its pipe into the log file, and readers of that file.
+
+The job's stdout and stderr are one pipe (so they interleave in the order written). The daemon
+splices the pipe into ``output.log`` (no copy through Python) and wakes readers in-process: no
+polling, no inotify, one wake-up per batch however many readers there are. Readers ``pread``
+the file at their own offset, each with its own fd, so a slow reader holds nothing but its
+offset and never blocks the job or other readers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from jobworker.errors import HostError, InvalidArgument
+
+PIPE_SIZE = 1 << 20
+SPLICE_MAX = 1 << 20
+BATCH_SPLICES = 16
+"""Splices per wake-up before yielding the loop to others (fairness between jobs)."""
+READ_CHUNK = 64 * 1024
+
+
+class OutputPump:
+    """Owns the read end of a job's output pipe and the log file it fills."""
+
+    def __init__(
+        self, log_fd: int, pipe_r: int, on_error: Callable[[OSError], None] | None = None
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._log_fd = log_fd
+        self._pipe_r = pipe_r
+        self._on_error = on_error
+        self.size = 0
+        self.closed = False
+        self.error: OSError | None = None
+        self._changed: asyncio.Future[None] | None = None
+        self._eof = self._loop.create_future()
+        os.set_blocking(pipe_r, False)
+        self._loop.add_reader(pipe_r, self._pump)
+
+    @staticmethod
+    def make_pipe() -> tuple[int, int]:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            # Room for bursts while the loop is busy; the default 64 KiB stalls fast writers.
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass
+        return r, w
+
+    def _pump(self) -> None:
+        for _ in range(BATCH_SPLICES):
+            try:
+                n = os.splice(self._pipe_r, self._log_fd, SPLICE_MAX, offset_dst=self.size)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                self._fail(e)
+                break
+            if n == 0:
+                self._close()
+                break
+            self.size += n
+        self._notify()
+
+    def _fail(self, e: OSError) -> None:
+        # The log cannot take more (ENOSPC, EFBIG...): keep draining so the job is not wedged,
+        # and let the owner decide (it stops the job with the reason in its status).
+        if self.error is None:
+            self.error = e
+            if self._on_error is not None:
+                self._on_error(e)
+        try:
+            while os.read(self._pipe_r, SPLICE_MAX):
+                pass
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._close()
+
+    def _close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._loop.remove_reader(self._pipe_r)
+        os.close(self._pipe_r)
+        os.close(self._log_fd)
+        if not self._eof.done():
+            self._eof.set_result(None)
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            if not self._changed.done():
+                self._changed.set_result(None)
+            self._changed = None
+
+    async def changed(self) -> None:
+        """Wait for more bytes or the end of the output."""
+        if self._changed is None:
+            self._changed = self._loop.create_future()
+        await asyncio.shield(self._changed)
+
+    async def wait_eof(self, timeout: float | None = None) -> bool:
+        """Wait until every writer has closed the pipe; ``False`` on timeout."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._eof), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def abandon(self) -> None:
+        """Stop pumping now (a writer outside the job's cgroup still holds the pipe)."""
+        if not self.closed:
+            self._pump()
+            self._close()
+
+
+async def read_output(
+    path: Path, offset: int, pump: OutputPump | None, follow: bool, chunk: int = READ_CHUNK
+) -> AsyncIterator[bytes]:
+    """Bytes of a job's log from ``offset``: what exists now, or (``follow``) until the end.
+
+    ``pump`` is ``None`` for a job whose output is complete. A follower of a running job ends
+    right after the last byte once the job has ended.
+    """
+    if offset < 0:
+        raise InvalidArgument(f"offset must be >= 0, got {offset}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise HostError(f"cannot open the job's log {path}: {e.strerror}") from e
+    try:
+        if pump is None or pump.closed:
+            end = os.fstat(fd).st_size
+            if offset > end:
+                raise InvalidArgument(
+                    f"offset {offset} is past the end of the output ({end} bytes)"
+                )
+        while True:
+            done = pump is None or pump.closed
+            end = os.fstat(fd).st_size if pump is None else pump.size
+            if offset < end:
+                data = os.pread(fd, min(chunk, end - offset), offset)
+                if not data:
+                    return
+                offset += len(data)
+                yield data
+                continue
+            if done or not follow:
+                return
+            assert pump is not None
+            await pump.changed()
+    finally:
+        os.close(fd)

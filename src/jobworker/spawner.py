@@ -1,0 +1,228 @@
+"""Daemon side of the spawner process (see :mod:`jobworker._spawner` for why it exists)."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import marshal
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jobworker import _spawner
+from jobworker.errors import HostError, SpawnError
+
+_SCRIPT = Path(_spawner.__file__)
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Who a job runs as; ``-1`` keeps the daemon's own (root must be granted explicitly)."""
+
+    uid: int = -1
+    gid: int = -1
+    groups: tuple[int, ...] = field(default_factory=tuple)
+
+
+@dataclass(slots=True)
+class Spawned:
+    pid: int
+    exit_status: asyncio.Future[int]
+    """Resolved with the raw wait status when the main process ends."""
+
+
+class Spawner:
+    """One spawner process per manager; safe to use from a process running threads."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self._proc = proc
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._reader = _spawner.Reader(sock)
+        self._pending: dict[int, asyncio.Future[Spawned]] = {}
+        self._exits: dict[int, asyncio.Future[int]] = {}
+        self._next_id = 0
+        self._send_lock = asyncio.Lock()
+        self._dead: BaseException | None = None
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+
+    @classmethod
+    async def start(cls) -> Spawner:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", str(_SCRIPT), str(child.fileno())],
+                pass_fds=[child.fileno()],
+                stdin=subprocess.DEVNULL,
+                close_fds=True,
+            )
+        except OSError as e:
+            parent.close()
+            raise HostError(f"cannot start the spawner process: {e}") from e
+        finally:
+            child.close()
+        parent.setblocking(False)
+        return cls(proc, parent)
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def _on_readable(self) -> None:
+        try:
+            alive = self._reader.feed()
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._fail(HostError(f"spawner connection failed: {e}"))
+            return
+        for msg in self._reader.messages():
+            kind = msg[0]
+            if kind == "exit":
+                pid, status = int(msg[1]), int(msg[2])  # type: ignore[call-overload]
+                fut = self._exits.pop(pid, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(status)
+            elif kind == "ok":
+                req, pid = int(msg[1]), int(msg[2])  # type: ignore[call-overload]
+                # Register before any later message (its exit) is handled.
+                exit_fut: asyncio.Future[int] = self._loop.create_future()
+                self._exits[pid] = exit_fut
+                self._resolve(req, Spawned(pid, exit_fut))
+            elif kind == "err":
+                req, err, stage = int(msg[1]), int(msg[2]), str(msg[3])  # type: ignore[call-overload]
+                self._reject(req, err, stage)
+        if not alive:
+            self._fail(HostError("the spawner process exited unexpectedly"))
+
+    def _resolve(self, req: int, value: Spawned) -> None:
+        fut = self._pending.pop(req, None)
+        if fut is not None and not fut.done():
+            fut.set_result(value)
+
+    def _reject(self, req: int, err: int, stage: str) -> None:
+        fut = self._pending.pop(req, None)
+        if fut is None or fut.done():
+            return
+        reason = os.strerror(err)
+        exc: Exception
+        if stage == "exec":
+            exc = SpawnError(f"cannot execute the command: {reason}")
+        elif stage == "cwd":
+            exc = SpawnError(f"cannot change to the working directory: {reason}")
+        elif stage == "credentials":
+            exc = HostError(f"cannot switch to the job's user: {reason}")
+        else:
+            exc = HostError(f"cannot set up the job ({stage}): {reason}")
+        fut.set_exception(exc)
+
+    def _fail(self, exc: HostError) -> None:
+        if self._dead is not None:
+            return
+        self._dead = exc
+        self._loop.remove_reader(self._sock.fileno())
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._pending.clear()
+        # Main processes whose status we can no longer learn: report "killed" so jobs end.
+        for exit_fut in self._exits.values():
+            if not exit_fut.done():
+                exit_fut.set_exception(exc)
+        self._exits.clear()
+
+    async def _send(self, message: tuple[object, ...], fds: list[int]) -> None:
+        payload = marshal.dumps(message)
+        data = memoryview(_spawner.HEADER.pack(len(payload)) + payload)
+        async with self._send_lock:
+            while fds:
+                try:
+                    sent = self._sock.sendmsg(
+                        [data],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
+                    )
+                except BlockingIOError:
+                    await self._writable()
+                    continue
+                data, fds = data[sent:], []
+            if data:
+                await self._loop.sock_sendall(self._sock, data)
+
+    async def _writable(self) -> None:
+        fut: asyncio.Future[None] = self._loop.create_future()
+        fd = self._sock.fileno()
+        self._loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            self._loop.remove_writer(fd)
+
+    async def spawn(
+        self,
+        path: str,
+        argv: tuple[str, ...],
+        env: dict[str, str],
+        cwd: str,
+        procs_fd: int,
+        out_fd: int,
+        creds: Credentials,
+    ) -> Spawned:
+        """Fork+exec in the spawner. The fds are duplicated into the spawner; the caller keeps
+        (and must close) its own."""
+        if self._dead is not None:
+            raise self._dead
+        self._next_id += 1
+        req = self._next_id
+        fut: asyncio.Future[Spawned] = self._loop.create_future()
+        self._pending[req] = fut
+        message = (
+            "spawn",
+            req,
+            os.fsencode(path),
+            [os.fsencode(a) for a in argv],
+            [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()],
+            os.fsencode(cwd),
+            creds.uid,
+            creds.gid,
+            list(creds.groups),
+        )
+        try:
+            await self._send(message, [procs_fd, out_fd])
+        except OSError as e:
+            self._pending.pop(req, None)
+            raise HostError(f"cannot reach the spawner process: {e}") from e
+        return await fut
+
+    async def close(self) -> None:
+        """Close the socket (the spawner exits on EOF) and reap it."""
+        if self._dead is None:
+            self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+        try:
+            pidfd = os.pidfd_open(self._proc.pid)
+        except ProcessLookupError:
+            pidfd = -1
+        if pidfd >= 0:
+            done: asyncio.Future[None] = self._loop.create_future()
+            self._loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
+            try:
+                await done
+            finally:
+                self._loop.remove_reader(pidfd)
+                os.close(pidfd)
+        with contextlib.suppress(ChildProcessError):
+            self._proc.wait()
+
+
+def describe_wait_status(status: int) -> tuple[int | None, int | None]:
+    """(exit code, signal) from a raw wait status."""
+    if os.WIFSIGNALED(status):
+        return None, os.WTERMSIG(status)
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status), None
+    return None, None
+
