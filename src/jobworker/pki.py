@@ -1,0 +1,334 @@
+"""A small offline PKI for development and small fleets (``worker certs init``).
+
+Layout of a PKI directory::
+
+    ca.pem, ca-key.pem            the certificate authority (keep ca-key.pem offline in production)
+    server.pem, server-key.pem    the daemon (serverAuth; SANs localhost, 127.0.0.1, ::1 + names)
+    NAME.pem, NAME-key.pem        one per user (clientAuth; CN=NAME, OU=ROLE)
+
+All keys are ECDSA P-256: grpcio's BoringSSL does not accept Ed25519 certificates, and the TLS
+setup in :mod:`jobworker.tls` relies on the server key being ECDSA. Keys are written 0600.
+
+Using your own CA instead: give the daemon ``--ca/--cert/--key``; client certificates must chain
+to that CA, carry the clientAuth extended key usage, the identity in the subject's common name
+and the role (``admin``, ``user`` or ``viewer``) in an organizational unit.
+
+The clock is injectable (``now``) so tests can make certificates that are expired or not yet
+valid.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from jobworker.authz import Role
+
+CA_DAYS = 3650
+LEAF_DAYS = 825
+CLOCK_SKEW = timedelta(minutes=5)
+"""Certificates are valid from slightly before ``now``, for peers whose clocks lag."""
+
+DEFAULT_USERS: tuple[tuple[str, Role], ...] = (
+    ("admin", Role.ADMIN),
+    ("alice", Role.USER),
+    ("viewer", Role.VIEWER),
+)
+SERVER_DEFAULT_NAMES = ("localhost", "127.0.0.1", "::1")
+ORGANIZATION = "jobworker"
+_RESERVED = {"ca", "server"}
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class PkiError(Exception):
+    """The PKI request is invalid or would overwrite existing files."""
+
+
+@dataclass(frozen=True, slots=True)
+class CertPair:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True, slots=True)
+class Pki:
+    """Paths of what :func:`init_pki` wrote (or reused)."""
+
+    dir: Path
+    ca: CertPair
+    server: CertPair
+    users: dict[str, CertPair]
+
+
+def parse_user(text: str) -> tuple[str, Role]:
+    """Parse ``NAME:ROLE`` as given to ``--user``.
+
+    Raises :class:`PkiError` when the name is not a plain file name or the role is unknown.
+    """
+    name, sep, role = text.partition(":")
+    if not sep:
+        raise PkiError(f"user {text!r} must be NAME:ROLE (roles: {', '.join(Role)})")
+    return _check_name(name), _check_role(role)
+
+
+def _check_name(name: str) -> str:
+    if not _NAME_RE.fullmatch(name) or name in _RESERVED:
+        raise PkiError(
+            f"user name {name!r} must be 1-64 letters, digits, '.', '_' or '-', start with a "
+            "letter or digit, and not be 'ca' or 'server'"
+        )
+    return name
+
+
+def _check_role(role: str) -> Role:
+    try:
+        return Role(role)
+    except ValueError:
+        raise PkiError(f"unknown role {role!r}; roles are {', '.join(Role)}") from None
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    data = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(data)
+
+
+def _write_cert(path: Path, cert: x509.Certificate) -> None:
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    path.chmod(0o644)
+
+
+def _builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    now: datetime,
+    days: int,
+) -> x509.CertificateBuilder:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+
+
+def _leaf_usage() -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def make_ca(
+    now: datetime, days: int = CA_DAYS, common_name: str = "jobworker CA"
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A self-signed CA certificate and its key."""
+    key = _new_key()
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+    builder = (
+        _builder(name, name, key.public_key(), now, days)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    )
+    return builder.sign(key, hashes.SHA256()), key
+
+
+def _issue(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    subject: x509.Name,
+    eku: x509.ObjectIdentifier,
+    *,
+    now: datetime,
+    days: int,
+    san: Sequence[x509.GeneralName] = (),
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = _new_key()
+    builder = (
+        _builder(subject, ca_cert.subject, key.public_key(), now, days)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_leaf_usage(), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+    )
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(san)), critical=False)
+    return builder.sign(ca_key, hashes.SHA256()), key
+
+
+def issue_server(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    names: Iterable[str] = (),
+    *,
+    now: datetime | None = None,
+    days: int = LEAF_DAYS,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A serverAuth certificate for the daemon; IP literals become IP SANs, the rest DNS SANs."""
+    now = now or datetime.now(UTC)
+    san: list[x509.GeneralName] = []
+    seen: set[str] = set()
+    for name in (*SERVER_DEFAULT_NAMES, *names):
+        if not name or name in seen:
+            continue
+        seen.add(name)
+        try:
+            san.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            san.append(x509.DNSName(name))
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+            x509.NameAttribute(NameOID.COMMON_NAME, "jobworker server"),
+        ]
+    )
+    return _issue(
+        ca_cert, ca_key, subject, ExtendedKeyUsageOID.SERVER_AUTH, now=now, days=days, san=san
+    )
+
+
+def issue_client(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    name: str,
+    role: Role | str,
+    *,
+    now: datetime | None = None,
+    days: int = LEAF_DAYS,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A clientAuth certificate: identity in CN, role in OU."""
+    now = now or datetime.now(UTC)
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, _check_role(str(role)).value),
+            x509.NameAttribute(NameOID.COMMON_NAME, _check_name(name)),
+        ]
+    )
+    return _issue(ca_cert, ca_key, subject, ExtendedKeyUsageOID.CLIENT_AUTH, now=now, days=days)
+
+
+def load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """Read ``ca.pem``/``ca-key.pem`` from a PKI directory."""
+    cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    key = serialization.load_pem_private_key((directory / "ca-key.pem").read_bytes(), None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PkiError(f"{directory / 'ca-key.pem'} is not an ECDSA key")
+    return cert, key
+
+
+def write_pair(
+    directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+) -> CertPair:
+    """Write ``STEM.pem`` (0644) and ``STEM-key.pem`` (0600)."""
+    pair = CertPair(directory / f"{stem}.pem", directory / f"{stem}-key.pem")
+    _write_key(pair.key, key)
+    _write_cert(pair.cert, cert)
+    return pair
+
+
+def init_pki(
+    directory: Path,
+    users: Sequence[tuple[str, Role | str]] = (),
+    server_names: Sequence[str] = (),
+    *,
+    now: datetime | None = None,
+    force: bool = False,
+) -> Pki:
+    """Create (or extend) a PKI directory.
+
+    An existing CA (``ca.pem`` + ``ca-key.pem``) is reused, so running this again with new
+    ``users`` adds them; otherwise a new CA is made. The server certificate is made when missing.
+    ``users`` defaults to :data:`DEFAULT_USERS` when a new CA is made. ``force`` starts over: a
+    new CA, server and user certificates, replacing existing files.
+
+    Raises :class:`PkiError` when a file to be written already exists (unless ``force``), or a
+    name or role is invalid. Nothing is written when validation fails.
+    """
+    now = now or datetime.now(UTC)
+    checked = [(_check_name(n), _check_role(str(r))) for n, r in users]
+    if len({n for n, _ in checked}) != len(checked):
+        raise PkiError("a user name is given more than once")
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    have_ca = (directory / "ca.pem").exists() and (directory / "ca-key.pem").exists()
+    fresh = force or not have_ca
+    if fresh and not checked:
+        checked = list(DEFAULT_USERS)
+    make_server = fresh or not (directory / "server.pem").exists()
+    if not force:
+        for stem in [n for n, _ in checked] + (["server"] if make_server else []):
+            for p in (directory / f"{stem}.pem", directory / f"{stem}-key.pem"):
+                if p.exists():
+                    raise PkiError(f"{p} already exists (use --force to replace it)")
+
+    if not fresh:
+        ca_cert, ca_key = load_ca(directory)
+        ca = CertPair(directory / "ca.pem", directory / "ca-key.pem")
+    else:
+        ca_cert, ca_key = make_ca(now)
+        ca = write_pair(directory, "ca", ca_cert, ca_key)
+    if make_server:
+        server = write_pair(
+            directory, "server", *issue_server(ca_cert, ca_key, server_names, now=now)
+        )
+    else:
+        server = CertPair(directory / "server.pem", directory / "server-key.pem")
+    written = {
+        name: write_pair(directory, name, *issue_client(ca_cert, ca_key, name, role, now=now))
+        for name, role in checked
+    }
+    return Pki(directory, ca, server, written)
