@@ -14,7 +14,8 @@ socket closes.
 Wire format on the stream socket, both ways: 4-byte big-endian length + a ``marshal``-ed tuple.
 Requests: ``("spawn", req_id, path, argv, env, cwd, uid, gid, groups)`` with two fds attached
 (cgroup.procs of the job's group, the write end of its output pipe).
-Replies: ``("ok", req_id, pid)`` or ``("err", req_id, errno, stage)``; events: ``("exit", pid, status)``.
+Replies: ``("ok", req_id, pid)`` or ``("err", req_id, errno, stage)``;
+events: ``("exit", pid, status)``.
 
 This file must import nothing from jobworker: it runs as a plain script.
 """
@@ -22,6 +23,7 @@ This file must import nothing from jobworker: it runs as a plain script.
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import errno
 import marshal
@@ -31,6 +33,8 @@ import signal
 import socket
 import struct
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 HEADER = struct.Struct(">I")
 MAX_MESSAGE = 8 * 1024 * 1024
@@ -38,13 +42,11 @@ PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
 
 
-def send_message(sock: socket.socket, message: tuple[object, ...], fds: list[int] = ()) -> None:  # type: ignore[assignment]
+def send_message(sock: socket.socket, message: tuple[Any, ...], fds: Sequence[int] = ()) -> None:
     payload = marshal.dumps(message)
     data = HEADER.pack(len(payload)) + payload
     if fds:
-        sent = sock.sendmsg(
-            [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-        )
+        sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
         data = data[sent:]
     if data:
         sock.sendall(data)
@@ -125,7 +127,7 @@ def _child(
         for sig in (signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
-        os.execve(path, argv, dict(e.split(b"=", 1) for e in env))  # type: ignore[misc]
+        os.execve(path, argv, dict(e.split(b"=", 1) for e in env))
     except OSError as e:
         os.write(err_w, marshal.dumps((e.errno or errno.EIO, stage)))
     finally:
@@ -205,4 +207,6 @@ def main(fd: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    # BrokenPipe/ConnectionReset: the daemon went away, nothing is left to report to.
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        main(int(sys.argv[1]))

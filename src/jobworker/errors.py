@@ -9,7 +9,7 @@
     ├── PermissionDenied                    the caller's role forbids the action
     ├── LimitUnavailable                    a limit the host cannot enforce (controller missing)
     ├── ShuttingDown                        the manager is closing or closed
-    └── HostError                           the host failed us (cgroupfs, state dir); not the caller's fault
+    └── HostError                           the host failed us (cgroupfs, state dir)
 
 Each names who caused the problem. The gRPC service maps this tree to status codes in one table
 (:mod:`jobworker.service`); the client maps the codes back to these classes.

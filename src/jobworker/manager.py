@@ -92,9 +92,27 @@ def resolve_command(argv0: str, path_var: str, cwd: str) -> str:
 class JobManager:
     """Starts, tracks, stops and streams jobs. Get one with :meth:`open`."""
 
-    def __init__(self, *, _token: object) -> None:
+    def __init__(
+        self,
+        *,
+        _token: object,
+        store: Store,
+        tree: CgroupTree,
+        spawner: Spawner,
+        watcher: EventsWatcher,
+        available: frozenset[str],
+        stop_grace: float,
+        credentials: Credentials,
+    ) -> None:
         if _token is not _OPEN:
             raise TypeError("use `await JobManager.open(...)` to create a JobManager")
+        self._store = store
+        self._tree = tree
+        self._spawner = spawner
+        self._watcher = watcher
+        self._available = available
+        self._stop_grace = stop_grace
+        self._credentials = credentials
         self._jobs: dict[str, _Job] = {}
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -115,23 +133,33 @@ class JobManager:
         /proc/self/cgroup and mountinfo). Records of jobs that were running when a previous
         manager died are marked lost and their cgroups killed and removed.
         """
-        self = cls(_token=_OPEN)
-        self._stop_grace = stop_grace
-        self._credentials = credentials or Credentials()
-        self._store = Store(state_dir)
-        self._store.setup()
-        self._tree = CgroupTree(cgroup_root or own_cgroup_dir(), cgroup_name)
-        self._tree.setup()
+        store = Store(state_dir)
+        store.setup()
+        tree = CgroupTree(cgroup_root or own_cgroup_dir(), cgroup_name)
+        tree.setup()
         _raise_nofile_limit()
-        self._spawner = await Spawner.start()
+        spawner = await Spawner.start()
         try:
-            self._available = controllers.enable(self._tree.delegated, self._tree.parent)
-            self._watcher = EventsWatcher()
+            available = controllers.enable(tree.delegated, tree.parent)
+            self = cls(
+                _token=_OPEN,
+                store=store,
+                tree=tree,
+                spawner=spawner,
+                watcher=EventsWatcher(),
+                available=available,
+                stop_grace=stop_grace,
+                credentials=credentials or Credentials(),
+            )
             await self._recover()
         except BaseException:
-            await self._spawner.close()
+            await spawner.close()
             raise
         return self
+
+    @property
+    def spawner_pid(self) -> int:
+        return self._spawner.pid
 
     @property
     def available_controllers(self) -> frozenset[str]:
@@ -180,9 +208,7 @@ class JobManager:
         await job.ended.wait()
         return job.status
 
-    def output(
-        self, job_id: str, offset: int = 0, follow: bool = False
-    ) -> AsyncIterator[bytes]:
+    def output(self, job_id: str, offset: int = 0, follow: bool = False) -> AsyncIterator[bytes]:
         """The job's bytes from ``offset``: what exists now, or with ``follow`` until the job
         has ended and every byte is delivered. Any number of readers may run at once."""
         job = self._get(job_id)
@@ -304,12 +330,13 @@ class JobManager:
             usage=usage,
             output_bytes=job.pump.size,
         )
-        job.pump = None
+        pump, job.pump = job.pump, None
         try:
             self._store.save(job.spec, job.status)
         except HostError:
             log.exception("job %s: final record not written", job.id)
         job.ended.set()
+        pump.finish()
 
     # -- stop ------------------------------------------------------------------------------
 
@@ -357,15 +384,14 @@ class JobManager:
     # -- recovery and shutdown -------------------------------------------------------------
 
     async def _recover(self) -> None:
-        for spec, status in self._store.load_all():
-            if status.state is JobState.RUNNING:
-                status = await self._mark_lost(spec, status)
+        for spec, record in self._store.load_all():
+            status = record
+            if record.state is JobState.RUNNING:
+                status = await self._mark_lost(spec, record)
             self._jobs[status.id] = _Job(spec, status)
+        # Groups with no running record: a start that crashed half-way, or a foreign leftover.
         for name in self._tree.existing():
-            if name not in self._jobs or not self._jobs[name].status.state.ended:
-                await self._kill_group(self._tree.group(name))
-            else:
-                await self._kill_group(self._tree.group(name))
+            await self._kill_group(self._tree.group(name))
 
     async def _kill_group(self, group: Path) -> None:
         self._watcher.watch(group)

@@ -10,6 +10,7 @@ offset and never blocks the job or other readers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 from collections.abc import AsyncIterator, Callable
@@ -36,6 +37,7 @@ class OutputPump:
         self._on_error = on_error
         self.size = 0
         self.closed = False
+        """No byte will be added: the pipe is drained and the job has ended (:meth:`finish`)."""
         self.error: OSError | None = None
         self._changed: asyncio.Future[None] | None = None
         self._eof = self._loop.create_future()
@@ -45,11 +47,9 @@ class OutputPump:
     @staticmethod
     def make_pipe() -> tuple[int, int]:
         r, w = os.pipe2(os.O_CLOEXEC)
-        try:
-            # Room for bursts while the loop is busy; the default 64 KiB stalls fast writers.
+        # Room for bursts while the loop is busy; the default 64 KiB stalls fast writers.
+        with contextlib.suppress(OSError):
             fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:
-            pass
         return r, w
 
     def _pump(self) -> None:
@@ -84,14 +84,20 @@ class OutputPump:
         self._close()
 
     def _close(self) -> None:
-        if self.closed:
+        if self._eof.done():
             return
-        self.closed = True
         self._loop.remove_reader(self._pipe_r)
         os.close(self._pipe_r)
         os.close(self._log_fd)
-        if not self._eof.done():
-            self._eof.set_result(None)
+        self._eof.set_result(None)
+
+    def finish(self) -> None:
+        """The job has ended and its status is final: followers may end after the last byte.
+
+        Kept apart from the pipe's EOF so a follower never ends before the job's status says
+        it ended (a job may close its stdout and go on running)."""
+        self.abandon()
+        self.closed = True
         self._notify()
 
     def _notify(self) -> None:
@@ -116,7 +122,7 @@ class OutputPump:
 
     def abandon(self) -> None:
         """Stop pumping now (a writer outside the job's cgroup still holds the pipe)."""
-        if not self.closed:
+        if not self._eof.done():
             self._pump()
             self._close()
 

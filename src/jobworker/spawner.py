@@ -12,6 +12,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from jobworker import _spawner
 from jobworker.errors import HostError, SpawnError
@@ -54,7 +55,7 @@ class Spawner:
     async def start(cls) -> Spawner:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            proc = subprocess.Popen(
+            proc = subprocess.Popen(  # noqa: ASYNC220 - once per manager, vfork+exec
                 [sys.executable, "-I", "-S", str(_SCRIPT), str(child.fileno())],
                 pass_fds=[child.fileno()],
                 stdin=subprocess.DEVNULL,
@@ -135,7 +136,7 @@ class Spawner:
                 exit_fut.set_exception(exc)
         self._exits.clear()
 
-    async def _send(self, message: tuple[object, ...], fds: list[int]) -> None:
+    async def _send(self, message: tuple[Any, ...], fds: list[int]) -> None:
         payload = marshal.dumps(message)
         data = memoryview(_spawner.HEADER.pack(len(payload)) + payload)
         async with self._send_lock:
@@ -155,7 +156,7 @@ class Spawner:
     async def _writable(self) -> None:
         fut: asyncio.Future[None] = self._loop.create_future()
         fd = self._sock.fileno()
-        self._loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
+        self._loop.add_writer(fd, _set_done, fut)
         try:
             await fut
         finally:
@@ -208,7 +209,7 @@ class Spawner:
             pidfd = -1
         if pidfd >= 0:
             done: asyncio.Future[None] = self._loop.create_future()
-            self._loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
+            self._loop.add_reader(pidfd, _set_done, done)
             try:
                 await done
             finally:
@@ -218,6 +219,11 @@ class Spawner:
             self._proc.wait()
 
 
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 def describe_wait_status(status: int) -> tuple[int | None, int | None]:
     """(exit code, signal) from a raw wait status."""
     if os.WIFSIGNALED(status):
@@ -225,4 +231,3 @@ def describe_wait_status(status: int) -> tuple[int | None, int | None]:
     if os.WIFEXITED(status):
         return os.WEXITSTATUS(status), None
     return None, None
-

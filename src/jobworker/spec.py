@@ -78,7 +78,8 @@ class JobSpec:
             total += len(os.fsencode(key)) + len(os.fsencode(value)) + 2
         if total > MAX_ARGV_ENV_BYTES:
             raise InvalidArgument(
-                f"argv and env together are {total} bytes; at most {MAX_ARGV_ENV_BYTES} are accepted"
+                f"argv and env together are {total} bytes; "
+                f"at most {MAX_ARGV_ENV_BYTES} are accepted"
             )
         _check_text("cwd", self.cwd, 4096)
         if not self.cwd.startswith("/"):

@@ -66,7 +66,9 @@ class Store:
     def save(self, spec: JobSpec, status: JobStatus) -> None:
         d = self.job_dir(status.id)
         tmp = d / (RECORD + ".tmp")
-        data = json.dumps({"version": _VERSION, "spec": spec_to_dict(spec), **status_to_dict(status)})
+        data = json.dumps(
+            {"version": _VERSION, "spec": spec_to_dict(spec), **status_to_dict(status)}
+        )
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "w") as f:

@@ -7,6 +7,7 @@ job's end and a completed freeze are events, not something to poll for.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 from inotify_simple import INotify, flags
@@ -36,10 +37,8 @@ class EventsWatcher:
             return
         self._wake(wd)
         self._waiters.pop(wd, None)
-        try:
+        with contextlib.suppress(OSError):  # already gone with the directory (IN_IGNORED)
             self._inotify.rm_watch(wd)
-        except OSError:
-            pass  # already gone with the directory (IN_IGNORED)
 
     async def changed(self, group: Path) -> None:
         """Wait for the next change of the group's cgroup.events."""
