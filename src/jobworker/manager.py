@@ -260,7 +260,7 @@ class JobManager:
         self._jobs[job_id] = job
         job.task = asyncio.create_task(self._supervise(job, spawned.exit_status))
         try:
-            self._store.save(spec, status)
+            self._store.save(spec, status, new=True)
         except HostError:
             log.exception("job %s: record not written at start", job_id)
         return status

@@ -1,3 +1,5 @@
+import os
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,20 +27,28 @@ def test_record_round_trip(tmp_path: Path) -> None:
         usage=Usage(cpu_user_usec=5, memory_peak=10),
         output_bytes=7,
     )
-    fd = store.create("j1")
-    import os
-
-    os.close(fd)
+    os.close(store.create("j1"))
     assert store.log_path("j1").stat().st_mode & 0o777 == 0o600
+    store.save(spec, replace(status, state=JobState.RUNNING), new=True)
     store.save(spec, status)
+    assert not (store.jobs / "j1.json.tmp").exists()
+    assert store.record_path("j1").stat().st_mode & 0o777 == 0o600
     assert [(s, st) for s, st in store.load_all()] == [(spec, status)]
 
 
-def test_directory_without_record_is_discarded(tmp_path: Path) -> None:
+def test_log_without_record_is_discarded(tmp_path: Path) -> None:
     store = Store(tmp_path)
     store.setup()
-    import os
-
     os.close(store.create("half"))
     assert list(store.load_all()) == []
-    assert not store.job_dir("half").exists()
+    assert not store.log_path("half").exists()
+
+
+def test_start_record_cut_short_is_discarded(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.setup()
+    os.close(store.create("cut"))
+    store.record_path("cut").write_text('{"version": 1, "spec": {"argv": ["sl')
+    (store.jobs / "other.json.tmp").write_text("{")
+    assert list(store.load_all()) == []
+    assert os.listdir(store.jobs) == []

@@ -1,0 +1,1 @@
+"""jobworker's benchmark harness (``make bench``)."""
