@@ -36,8 +36,8 @@ stress: venv
 	PYTHONASYNCIODEBUG=1 $(PYTEST) -q -m "stress or not stress" -W error::RuntimeWarning tests/integration
 
 lint: venv
-	$(VENV)/bin/ruff check src tests examples scripts
-	$(VENV)/bin/ruff format --check src tests examples scripts
+	$(VENV)/bin/ruff check src tests examples scripts bench
+	$(VENV)/bin/ruff format --check src tests examples scripts bench
 	$(VENV)/bin/mypy
 
 coverage: venv
