@@ -1,0 +1,151 @@
+"""Conversions between the library's values and the v1 wire messages, used by both the service
+and the client so the two cannot drift apart. Messages from the wire are validated by the value
+types they become (:class:`~jobworker.errors.InvalidArgument` on bad input)."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from jobworker.api.v1 import jobworker_pb2 as pb
+from jobworker.errors import InvalidArgument
+from jobworker.limits import IOLimit, Limits
+from jobworker.spec import JobState, JobStatus, Usage
+
+_STATES: dict[JobState, pb.JobState.ValueType] = {
+    JobState.RUNNING: pb.JOB_STATE_RUNNING,
+    JobState.EXITED: pb.JOB_STATE_EXITED,
+    JobState.STOPPED: pb.JOB_STATE_STOPPED,
+    JobState.LOST: pb.JOB_STATE_LOST,
+}
+_STATES_BACK = {v: k for k, v in _STATES.items()}
+
+
+def _opt(msg: object, field: str) -> int | None:
+    return getattr(msg, field) if msg.HasField(field) else None  # type: ignore[attr-defined]
+
+
+def limits_to_pb(limits: Limits) -> pb.Limits:
+    msg = pb.Limits(
+        io=[
+            pb.IOLimit(
+                device=i.device,
+                read_bps=i.read_bps,
+                write_bps=i.write_bps,
+                read_iops=i.read_iops,
+                write_iops=i.write_iops,
+            )
+            for i in limits.io
+        ]
+    )
+    if limits.cpu is not None:
+        msg.cpu = limits.cpu
+    if limits.cpu_weight is not None:
+        msg.cpu_weight = limits.cpu_weight
+    if limits.memory is not None:
+        msg.memory = limits.memory
+    if limits.pids is not None:
+        msg.pids = limits.pids
+    return msg
+
+
+def limits_from_pb(msg: pb.Limits) -> Limits:
+    """Raises :class:`InvalidArgument` for a value :class:`Limits` does not accept."""
+    cpu = msg.cpu if msg.HasField("cpu") else None
+    if cpu is not None and not math.isfinite(cpu):
+        raise InvalidArgument(f"cpu must be a finite number of cores, got {cpu}")
+    return Limits(
+        cpu=cpu,
+        cpu_weight=_opt(msg, "cpu_weight"),
+        memory=_opt(msg, "memory"),
+        io=tuple(
+            IOLimit(
+                device=i.device,
+                read_bps=_opt(i, "read_bps"),
+                write_bps=_opt(i, "write_bps"),
+                read_iops=_opt(i, "read_iops"),
+                write_iops=_opt(i, "write_iops"),
+            )
+            for i in msg.io
+        ),
+        pids=_opt(msg, "pids"),
+    )
+
+
+def _ts(when: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(when)
+    return ts
+
+
+def _usage_to_pb(usage: Usage) -> pb.Usage:
+    return pb.Usage(
+        cpu_user_usec=usage.cpu_user_usec,
+        cpu_system_usec=usage.cpu_system_usec,
+        memory_current=usage.memory_current,
+        memory_peak=usage.memory_peak,
+        io_read_bytes=usage.io_read_bytes,
+        io_write_bytes=usage.io_write_bytes,
+        nr_throttled=usage.nr_throttled,
+        pids_current=usage.pids_current,
+    )
+
+
+def _usage_from_pb(msg: pb.Usage) -> Usage:
+    return Usage(
+        cpu_user_usec=msg.cpu_user_usec,
+        cpu_system_usec=msg.cpu_system_usec,
+        memory_current=msg.memory_current,
+        memory_peak=_opt(msg, "memory_peak"),
+        io_read_bytes=msg.io_read_bytes,
+        io_write_bytes=msg.io_write_bytes,
+        nr_throttled=msg.nr_throttled,
+        pids_current=msg.pids_current,
+    )
+
+
+def status_to_pb(status: JobStatus) -> pb.JobStatus:
+    msg = pb.JobStatus(
+        id=status.id,
+        state=_STATES[status.state],
+        argv=status.argv,
+        owner=status.owner,
+        pid=status.pid,
+        started_at=_ts(status.started_at),
+        exit_code=status.exit_code,
+        signal=status.signal,
+        reason=status.reason,
+        oom_killed=status.oom_killed,
+        limits=limits_to_pb(status.limits),
+        output_bytes=status.output_bytes,
+    )
+    if status.ended_at is not None:
+        msg.ended_at.CopyFrom(_ts(status.ended_at))
+    if status.usage is not None:
+        msg.usage.CopyFrom(_usage_to_pb(status.usage))
+    return msg
+
+
+def status_from_pb(msg: pb.JobStatus) -> JobStatus:
+    """Raises :class:`InvalidArgument` for a state this client does not know."""
+    state = _STATES_BACK.get(msg.state)
+    if state is None:
+        raise InvalidArgument(f"job {msg.id}: unknown state {msg.state} from the daemon")
+    return JobStatus(
+        id=msg.id,
+        state=state,
+        argv=tuple(msg.argv),
+        owner=msg.owner,
+        pid=msg.pid,
+        started_at=msg.started_at.ToDatetime(tzinfo=UTC),
+        ended_at=msg.ended_at.ToDatetime(tzinfo=UTC) if msg.HasField("ended_at") else None,
+        exit_code=msg.exit_code if msg.HasField("exit_code") else None,
+        signal=msg.signal if msg.HasField("signal") else None,
+        reason=msg.reason,
+        oom_killed=msg.oom_killed,
+        limits=limits_from_pb(msg.limits),
+        usage=_usage_from_pb(msg.usage) if msg.HasField("usage") else None,
+        output_bytes=msg.output_bytes,
+    )

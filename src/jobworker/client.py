@@ -1,0 +1,174 @@
+"""A typed asyncio client for workerd (what the ``worker`` CLI uses).
+
+::
+
+    async with Client.from_pki("127.0.0.1:50051", Path("pki"), "alice") as c:
+        status = await c.start(["sh", "-c", "echo hi"], limits=Limits(memory=64 << 20))
+        async for offset, data in c.logs(status.id, follow=True):
+            sys.stdout.buffer.write(data)
+        final = await c.wait(status.id)
+
+Methods return the library's own values (:class:`~jobworker.spec.JobStatus`) and raise the
+library's errors, mapped back from status codes with the same table the service uses
+(:mod:`jobworker.api.errors`): :class:`~jobworker.errors.JobNotFound`,
+:class:`~jobworker.errors.PermissionDenied`, ... UNAVAILABLE (daemon down, unreachable or
+shutting down) is :class:`~jobworker.errors.ShuttingDown`; a code outside the table is
+:class:`~jobworker.api.errors.RemoteError`.
+"""
+
+from __future__ import annotations
+
+# isort: off
+# jobworker.tls must come first: it sets GRPC_SSL_CIPHER_SUITES, which grpc reads on import.
+from jobworker import tls
+import grpc
+from grpc import aio
+
+# isort: on
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from jobworker.api import convert
+from jobworker.api.errors import error_for
+from jobworker.api.v1 import jobworker_pb2 as pb
+from jobworker.api.v1 import jobworker_pb2_grpc as pb_grpc
+from jobworker.errors import JobworkerError
+from jobworker.limits import Limits
+from jobworker.spec import JobStatus
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+"""A List of many jobs with long command lines can be large."""
+
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
+    # Notice a daemon that vanished during a long Logs/Wait call.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+)
+
+
+def _translate(e: grpc.RpcError, job_id: str | None = None) -> JobworkerError:
+    code = e.code() if isinstance(e, aio.AioRpcError) else grpc.StatusCode.UNKNOWN
+    details = e.details() if isinstance(e, aio.AioRpcError) else str(e)
+    return error_for(code.name, details or "", job_id)
+
+
+class Client:
+    """A connection to one daemon. Use as an async context manager, or :meth:`close` it."""
+
+    def __init__(
+        self,
+        address: str,
+        material: tls.Material,
+        *,
+        server_name: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """``server_name`` overrides the name checked against the server certificate (default:
+        the host of ``address``). ``timeout`` bounds each call except :meth:`wait` and
+        :meth:`logs`."""
+        options: list[tuple[str, int | str]] = list(CHANNEL_OPTIONS)
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        credentials = grpc.ssl_channel_credentials(material.ca, material.key, material.cert)
+        self._channel = aio.secure_channel(address, credentials, options=options)
+        self._stub = pb_grpc.JobWorkerStub(self._channel)
+        self._timeout = timeout
+        self.address = address
+
+    @classmethod
+    def from_files(cls, address: str, ca: Path, cert: Path, key: Path, **kwargs: object) -> Client:
+        """Raises :class:`~jobworker.errors.InvalidArgument` naming a file that is missing,
+        unreadable or not a usable client certificate/key."""
+        return cls(address, tls.load_client(tls.Paths(ca, cert, key)), **kwargs)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_pki(cls, address: str, directory: Path, user: str, **kwargs: object) -> Client:
+        """Use ``ca.pem``, ``USER.pem`` and ``USER-key.pem`` from a ``certs init`` directory."""
+        paths = tls.Paths.from_pki(directory, user)
+        return cls(address, tls.load_client(paths), **kwargs)  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        limits: Limits | None = None,
+    ) -> JobStatus:
+        """Start a job owned by this client's identity; returns its first status."""
+        request = pb.StartRequest(
+            argv=list(argv),
+            env=dict(env or {}),
+            cwd=cwd,
+            limits=convert.limits_to_pb(limits or Limits()),
+        )
+        try:
+            response = await self._stub.Start(request, timeout=self._timeout)
+        except grpc.RpcError as e:
+            raise _translate(e) from None
+        return convert.status_from_pb(response.status)
+
+    async def stop(self, job_id: str, grace: float | None = None) -> JobStatus:
+        """Stop a job (SIGTERM, then SIGKILL after ``grace`` s); returns its final status."""
+        request = pb.StopRequest(id=job_id, grace_seconds=grace)
+        try:
+            response = await self._stub.Stop(request)
+        except grpc.RpcError as e:
+            raise _translate(e, job_id) from None
+        return convert.status_from_pb(response.status)
+
+    async def status(self, job_id: str) -> JobStatus:
+        try:
+            response = await self._stub.Status(pb.StatusRequest(id=job_id), timeout=self._timeout)
+        except grpc.RpcError as e:
+            raise _translate(e, job_id) from None
+        return convert.status_from_pb(response.status)
+
+    async def list(self, all: bool = False) -> list[JobStatus]:
+        """This identity's jobs, or with ``all`` every job its role may see."""
+        try:
+            response = await self._stub.List(pb.ListRequest(all=all), timeout=self._timeout)
+        except grpc.RpcError as e:
+            raise _translate(e) from None
+        return [convert.status_from_pb(s) for s in response.jobs]
+
+    async def wait(self, job_id: str) -> JobStatus:
+        """Block until the job has ended; returns its final status."""
+        try:
+            response = await self._stub.Wait(pb.WaitRequest(id=job_id))
+        except grpc.RpcError as e:
+            raise _translate(e, job_id) from None
+        return convert.status_from_pb(response.status)
+
+    async def logs(
+        self, job_id: str, *, follow: bool = False, offset: int = 0
+    ) -> AsyncIterator[tuple[int, bytes]]:
+        """``(offset, data)`` batches of the job's output from ``offset``. With ``follow`` it
+        ends once the job has ended and every byte was received. After a broken connection,
+        call again with the offset after the last byte received: nothing is lost or repeated.
+        Leaving the loop early cancels the stream on the daemon."""
+        call = self._stub.Logs(pb.LogsRequest(id=job_id, follow=follow, offset=offset))
+        try:
+            async for chunk in call:
+                yield chunk.offset, chunk.data
+        except grpc.RpcError as e:
+            raise _translate(e, job_id) from None
+        finally:
+            call.cancel()

@@ -1,0 +1,343 @@
+"""``workerd``: the jobworker daemon.
+
+The entry point is a library function, :func:`serve`, so tests (and embedders) run a real daemon
+in-process; :func:`main` is the command line around it. Shutdown (SIGTERM/SIGINT, or
+:meth:`Daemon.close`): stop accepting RPCs, stop the running jobs (so their followers' streams
+and waits end cleanly with the final bytes and status), give in-flight RPCs a moment to finish,
+remove the cgroups. Logs and records stay in the state directory for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from jobworker import service
+from jobworker.authz import Policy
+from jobworker.debug import DebugServer, Metrics
+from jobworker.errors import JobworkerError
+from jobworker.limits import Limits, effective_limits
+from jobworker.manager import DEFAULT_STOP_GRACE, JobManager
+from jobworker.spec import JobState
+from jobworker.tls import Paths, load_server
+
+log = logging.getLogger("jobworker.daemon")
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_STATE_DIR = Path("/var/lib/jobworker")
+RPC_DRAIN_SECONDS = 5.0
+"""After the jobs have stopped, how long in-flight RPCs (a Logs stream sending its last bytes)
+may run before they are cancelled."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    tls: Paths
+    listen: str = DEFAULT_LISTEN
+    state_dir: Path = DEFAULT_STATE_DIR
+    cgroup_root: Path | None = None
+    """The delegated cgroup to work in; default: the daemon's own."""
+    cgroup_name: str = "jobworker"
+    stop_grace: float = DEFAULT_STOP_GRACE
+    default_limits: Limits = field(default_factory=Limits)
+    max_limits: Limits = field(default_factory=Limits)
+    policy_file: Path | None = None
+    debug_address: str | None = None
+    """``HOST:PORT`` on loopback for /metrics and /debug/*; ``None`` = off."""
+
+
+class Daemon:
+    """A running daemon; get one from :func:`serve`."""
+
+    def __init__(
+        self,
+        manager: JobManager,
+        server: service.RunningServer,
+        debug: DebugServer | None,
+        stop_grace: float,
+    ) -> None:
+        self.manager = manager
+        self._stop_grace = stop_grace
+        self._server = server
+        self._debug = debug
+        self._closed: asyncio.Future[None] | None = None
+
+    @property
+    def port(self) -> int:
+        """The gRPC port (useful with a listen address of port 0)."""
+        return self._server.port
+
+    @property
+    def debug_port(self) -> int | None:
+        return self._debug.port if self._debug else None
+
+    async def close(self) -> None:
+        """Graceful shutdown; see the module docstring. Idempotent, and safe to call from
+        several tasks (later callers wait for the first)."""
+        if self._closed is not None:
+            await asyncio.shield(self._closed)
+            return
+        self._closed = asyncio.get_running_loop().create_future()
+        try:
+            log.info("shutting down")
+            # stop() refuses new RPCs at once, then waits for in-flight ones; the jobs must
+            # end meanwhile for follow streams and waits to finish on their own.
+            stopping = asyncio.create_task(
+                self._server.server.stop(self._stop_grace + RPC_DRAIN_SECONDS)
+            )
+            try:
+                await self.manager.close()
+            finally:
+                await stopping
+                if self._debug is not None:
+                    await asyncio.to_thread(self._debug.close)
+            log.info("stopped")
+        finally:
+            self._closed.set_result(None)
+
+
+async def serve(config: Config) -> Daemon:
+    """Start a daemon: open the manager (recovering records of a previous run), listen with
+    mutual TLS, start the debug endpoint if asked.
+
+    Raises :class:`~jobworker.errors.InvalidArgument` for bad configuration (certificates,
+    policy, limits above their caps, debug address), :class:`~jobworker.errors.HostError` when
+    the host refuses (cgroups, state dir, the listen address). Nothing is left running on error.
+    """
+    material = load_server(config.tls)
+    policy = Policy.load(config.policy_file) if config.policy_file else None
+    defaults = (
+        config.default_limits.resolved() if config.default_limits.io else config.default_limits
+    )
+    caps = config.max_limits.resolved() if config.max_limits.io else config.max_limits
+    effective_limits(defaults, Limits(), caps)  # the defaults must respect the caps
+    metrics = Metrics()
+    loop = asyncio.get_running_loop()
+    async with contextlib.AsyncExitStack() as undo:
+        manager = await JobManager.open(
+            config.state_dir,
+            cgroup_root=config.cgroup_root,
+            cgroup_name=config.cgroup_name,
+            stop_grace=config.stop_grace,
+        )
+        undo.push_async_callback(manager.close)
+
+        async def list_states() -> list[JobState]:
+            return [s.state for s in manager.list()]
+
+        debug: DebugServer | None = None
+        if config.debug_address is not None:
+            debug = endpoint = DebugServer(metrics, loop)
+            metrics.observe_jobs(lambda: endpoint.on_loop(list_states))
+            endpoint.start(config.debug_address)
+            undo.callback(endpoint.close)
+        servicer = service.JobWorkerService(
+            manager, service.Settings(policy, defaults, caps), metrics
+        )
+        server = await service.start_server(servicer, material, config.listen)
+        undo.pop_all()
+    daemon = Daemon(manager, server, debug, config.stop_grace)
+    log.info("listening on %s (port %d)", config.listen, server.port)
+    return daemon
+
+
+async def run(config: Config) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    daemon = await serve(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await daemon.close()
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def _limits(
+    cpu: str | None, weight: str | None, memory: str | None, io: Sequence[str], pids: str | None
+) -> Limits:
+    return Limits.parse(cpu=cpu, cpu_weight=weight, memory=memory, io=io, pids=pids)
+
+
+def _env(name: str) -> str:
+    return f"WORKERD_{name}"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option(
+    "--listen", default=DEFAULT_LISTEN, envvar=_env("LISTEN"), help="HOST:PORT to serve gRPC on."
+)
+@click.option(
+    "--pki",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar=_env("PKI"),
+    help="A `worker certs init` directory: uses ca.pem, server.pem and server-key.pem.",
+)
+@click.option(
+    "--ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=_env("CA"),
+    help="CA certificate that client certificates must chain to.",
+)
+@click.option(
+    "--cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=_env("CERT"),
+    help="Server certificate (ECDSA, serverAuth).",
+)
+@click.option(
+    "--key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=_env("KEY"),
+    help="Server private key.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_STATE_DIR,
+    envvar=_env("STATE_DIR"),
+    help="Job records and logs.",
+)
+@click.option(
+    "--cgroup-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar=_env("CGROUP_ROOT"),
+    help="Delegated cgroup v2 directory to work in  [default: the daemon's own cgroup]",
+)
+@click.option(
+    "--cgroup-name",
+    default="jobworker",
+    envvar=_env("CGROUP_NAME"),
+    help="Name of the daemon's group under the cgroup root.",
+)
+@click.option(
+    "--stop-grace",
+    type=click.FloatRange(0, 3600),
+    default=DEFAULT_STOP_GRACE,
+    envvar=_env("STOP_GRACE"),
+    help="Seconds between SIGTERM and SIGKILL when stopping a job.",
+)
+@click.option(
+    "--policy",
+    "policy_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=_env("POLICY"),
+    help='TOML file mapping identities to roles ([roles] name = "admin"), overriding certificates.',
+)
+@click.option(
+    "--default-cpu", envvar=_env("DEFAULT_CPU"), help="CPU cores for jobs that ask for none."
+)
+@click.option(
+    "--default-cpu-weight",
+    envvar=_env("DEFAULT_CPU_WEIGHT"),
+    help="cpu.weight for jobs that ask for none.",
+)
+@click.option(
+    "--default-memory",
+    envvar=_env("DEFAULT_MEMORY"),
+    help="Memory (e.g. 512M) for jobs that ask for none.",
+)
+@click.option(
+    "--default-io",
+    multiple=True,
+    envvar=_env("DEFAULT_IO"),
+    help="DEV=RATE or DEV=KEY=VALUE,... for jobs that ask for none; repeatable.",
+)
+@click.option(
+    "--default-pids", envvar=_env("DEFAULT_PIDS"), help="Task limit for jobs that ask for none."
+)
+@click.option("--max-cpu", envvar=_env("MAX_CPU"), help="Most CPU cores a job may ask for.")
+@click.option(
+    "--max-cpu-weight", envvar=_env("MAX_CPU_WEIGHT"), help="Highest cpu.weight a job may ask for."
+)
+@click.option("--max-memory", envvar=_env("MAX_MEMORY"), help="Most memory a job may ask for.")
+@click.option(
+    "--max-io",
+    multiple=True,
+    envvar=_env("MAX_IO"),
+    help="Highest io rates a job may ask for, per device; repeatable.",
+)
+@click.option("--max-pids", envvar=_env("MAX_PIDS"), help="Most tasks a job may ask for.")
+@click.option(
+    "--debug-addr",
+    envvar=_env("DEBUG_ADDR"),
+    help="Loopback HOST:PORT for /metrics and /debug/* (off by default), e.g. 127.0.0.1:6060.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    envvar=_env("LOG_LEVEL"),
+)
+def main(
+    listen: str,
+    pki: Path | None,
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    state_dir: Path,
+    cgroup_root: Path | None,
+    cgroup_name: str,
+    stop_grace: float,
+    policy_file: Path | None,
+    default_cpu: str | None,
+    default_cpu_weight: str | None,
+    default_memory: str | None,
+    default_io: tuple[str, ...],
+    default_pids: str | None,
+    max_cpu: str | None,
+    max_cpu_weight: str | None,
+    max_memory: str | None,
+    max_io: tuple[str, ...],
+    max_pids: str | None,
+    debug_addr: str | None,
+    log_level: str,
+) -> None:
+    """Serve jobworker over gRPC with mutual TLS 1.3.
+
+    Needs root (or a delegated cgroup v2 subtree) to create cgroups. Every option can also be
+    given in the environment as WORKERD_<OPTION>, e.g. WORKERD_LISTEN=127.0.0.1:50051.
+    """
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if pki is None and not (ca and cert and key):
+        raise click.UsageError("give --pki DIR, or all of --ca, --cert and --key")
+    paths = Paths.from_pki(pki, "server") if pki else Paths(ca, cert, key)  # type: ignore[arg-type]
+    paths = Paths(ca or paths.ca, cert or paths.cert, key or paths.key)
+    try:
+        config = Config(
+            tls=paths,
+            listen=listen,
+            state_dir=state_dir,
+            cgroup_root=cgroup_root,
+            cgroup_name=cgroup_name,
+            stop_grace=stop_grace,
+            default_limits=_limits(
+                default_cpu, default_cpu_weight, default_memory, default_io, default_pids
+            ),
+            max_limits=_limits(max_cpu, max_cpu_weight, max_memory, max_io, max_pids),
+            policy_file=policy_file,
+            debug_address=debug_addr,
+        )
+        asyncio.run(run(config))
+    except JobworkerError as e:
+        click.echo(f"workerd: {e}", err=True)
+        sys.exit(1)
+    except OSError as e:
+        click.echo(f"workerd: {e}", err=True)
+        sys.exit(1)

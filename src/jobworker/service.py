@@ -1,0 +1,247 @@
+"""The gRPC service: jobworker.v1.JobWorker over a :class:`~jobworker.manager.JobManager`.
+
+The only module besides :mod:`jobworker.client` that imports grpc. Every RPC goes the same way
+through :meth:`JobWorkerService._rpc`: the caller's identity from its verified certificate, the
+permission check (:mod:`jobworker.authz`), the call, and on a :mod:`jobworker.errors` error the
+status code from the one table in :mod:`jobworker.api.errors`.
+"""
+
+from __future__ import annotations
+
+# isort: off
+# jobworker.tls must come first: it sets GRPC_SSL_CIPHER_SUITES, which grpc reads on import.
+from jobworker import tls
+import grpc
+from grpc import aio
+
+# isort: on
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+from jobworker.api import convert
+from jobworker.api.errors import code_for
+from jobworker.api.v1 import jobworker_pb2 as pb
+from jobworker.api.v1 import jobworker_pb2_grpc as pb_grpc
+from jobworker.authz import Action, Identity, Policy, authorize, identity_from_auth_context, visible
+from jobworker.debug import Metrics
+from jobworker.errors import HostError, InvalidArgument, JobworkerError
+from jobworker.limits import Limits, effective_limits
+from jobworker.manager import JobManager
+from jobworker.spec import JobSpec, JobStatus
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+"""Largest request accepted: argv + env are capped at 1 MiB (:data:`jobworker.spec.
+MAX_ARGV_ENV_BYTES`), so anything bigger is refused by grpc before it is even parsed."""
+MAX_JOB_ID_BYTES = 128
+MAX_STOP_GRACE = 3600.0
+
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+    # Notice clients that vanished without closing (long Logs/Wait calls).
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    # Let clients ping us as often as every 10 s (the default allows one per 5 min).
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What the service adds to the library: roles and limit policy."""
+
+    policy: Policy | None = None
+    default_limits: Limits = field(default_factory=Limits)
+    """Applied to every field a Start request leaves unset."""
+    max_limits: Limits = field(default_factory=Limits)
+    """Caps: a request above one is refused; an unset field gets the cap."""
+
+
+def _check_id(job_id: str) -> str:
+    if not job_id:
+        raise InvalidArgument("a job id is required")
+    if len(job_id.encode()) > MAX_JOB_ID_BYTES:
+        raise InvalidArgument(f"a job id is at most {MAX_JOB_ID_BYTES} bytes")
+    return job_id
+
+
+class JobWorkerService(pb_grpc.JobWorkerServicer):
+    """One handler per RPC; see the proto for what each does."""
+
+    def __init__(
+        self, manager: JobManager, settings: Settings | None = None, metrics: Metrics | None = None
+    ) -> None:
+        self._mgr = manager
+        self._settings = settings or Settings()
+        self._metrics = metrics or Metrics()
+
+    @contextlib.asynccontextmanager
+    async def _rpc(
+        self, method: str, context: aio.ServicerContext[object, object]
+    ) -> AsyncIterator[Identity]:
+        """Authenticate, time and translate errors for one call."""
+        started = time.monotonic()
+        code = grpc.StatusCode.OK
+        try:
+            auth: Mapping[str, list[bytes]] = {
+                k: list(v) for k, v in context.auth_context().items()
+            }
+            yield identity_from_auth_context(auth, self._settings.policy)
+        except JobworkerError as e:
+            code = grpc.StatusCode[code_for(e)]
+            if isinstance(e, HostError):
+                log.error("%s: %s", method, e, exc_info=e)
+            await context.abort(code, str(e))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed", method)
+            await context.abort(code, "internal error in the daemon; see its log")
+        finally:
+            self._metrics.rpc(method, code.name, time.monotonic() - started)
+
+    def _job(self, identity: Identity, action: Action, job_id: str) -> JobStatus:
+        """The job's status if ``identity`` may do ``action`` on it; raises otherwise."""
+        status = self._mgr.status(_check_id(job_id))
+        authorize(identity, action, job_id, status.owner)
+        return status
+
+    async def Start(
+        self, request: pb.StartRequest, context: aio.ServicerContext[object, object]
+    ) -> pb.StartResponse:
+        async with self._rpc("Start", context) as identity:
+            authorize(identity, Action.START)
+            requested = convert.limits_from_pb(request.limits)
+            limits = effective_limits(
+                requested, self._settings.default_limits, self._settings.max_limits
+            )
+            spec = JobSpec(
+                argv=tuple(request.argv),
+                env=dict(request.env),
+                cwd=request.cwd if request.HasField("cwd") else "/",
+                owner=identity.name,
+                limits=limits,
+            )
+            status = await self._mgr.start(spec)
+            log.info("job %s started by %s: %s", status.id, identity.name, list(spec.argv))
+            return pb.StartResponse(id=status.id, status=convert.status_to_pb(status))
+        raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
+
+    async def Stop(
+        self, request: pb.StopRequest, context: aio.ServicerContext[object, object]
+    ) -> pb.StopResponse:
+        async with self._rpc("Stop", context) as identity:
+            self._job(identity, Action.STOP, request.id)
+            grace = request.grace_seconds if request.HasField("grace_seconds") else None
+            if grace is not None and not (math.isfinite(grace) and 0 <= grace <= MAX_STOP_GRACE):
+                raise InvalidArgument(
+                    f"grace_seconds must be from 0 to {MAX_STOP_GRACE:g}, got {grace}"
+                )
+            status = await self._mgr.stop(request.id, grace, reason=f"stopped by {identity.name}")
+            return pb.StopResponse(status=convert.status_to_pb(status))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def Status(
+        self, request: pb.StatusRequest, context: aio.ServicerContext[object, object]
+    ) -> pb.StatusResponse:
+        async with self._rpc("Status", context) as identity:
+            status = self._job(identity, Action.STATUS, request.id)
+            return pb.StatusResponse(status=convert.status_to_pb(status))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def List(
+        self, request: pb.ListRequest, context: aio.ServicerContext[object, object]
+    ) -> pb.ListResponse:
+        async with self._rpc("List", context) as identity:
+            authorize(identity, Action.LIST)
+            jobs = [
+                convert.status_to_pb(s)
+                for s in self._mgr.list()
+                if visible(identity, s.owner) and (request.all or s.owner == identity.name)
+            ]
+            return pb.ListResponse(jobs=jobs)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def Wait(
+        self, request: pb.WaitRequest, context: aio.ServicerContext[object, object]
+    ) -> pb.WaitResponse:
+        async with self._rpc("Wait", context) as identity:
+            self._job(identity, Action.WAIT, request.id)
+            status = await self._mgr.wait(request.id)
+            return pb.WaitResponse(status=convert.status_to_pb(status))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def Logs(
+        self, request: pb.LogsRequest, context: aio.ServicerContext[object, object]
+    ) -> AsyncIterator[pb.LogsChunk]:
+        async with self._rpc("Logs", context) as identity:
+            self._job(identity, Action.LOGS, request.id)
+            offset = request.offset
+            self._metrics.followers.inc()
+            output = self._mgr.output(request.id, offset=offset, follow=request.follow)
+            try:
+                async for data in output:
+                    yield pb.LogsChunk(offset=offset, data=data)
+                    offset += len(data)
+                    self._metrics.bytes_streamed.inc(len(data))
+            finally:
+                self._metrics.followers.dec()
+                await _aclose(output)
+
+
+async def _aclose(iterator: AsyncIterator[bytes]) -> None:
+    """Close an output reader now (its fd), not whenever it is garbage-collected."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+@dataclass(slots=True)
+class RunningServer:
+    server: aio.Server
+    port: int
+
+
+async def start_server(
+    service: JobWorkerService, material: tls.Material, address: str
+) -> RunningServer:
+    """Serve ``service`` on ``address`` (``HOST:PORT``; port 0 picks one) with mutual TLS.
+
+    Refuses to start (:class:`HostError`) if grpc was imported before :mod:`jobworker.tls`, or if
+    the listening port turns out to accept a TLS 1.2 handshake after all.
+    """
+    if not tls.TLS13_ONLY:
+        raise HostError(
+            "grpc was imported before jobworker.tls, so TLS 1.2 cannot be refused; import "
+            "jobworker.service (or jobworker.tls) before grpc"
+        )
+    server = aio.server(options=SERVER_OPTIONS)
+    pb_grpc.add_JobWorkerServicer_to_server(service, server)
+    credentials = grpc.ssl_server_credentials(
+        [(material.key, material.cert)], root_certificates=material.ca, require_client_auth=True
+    )
+    try:
+        port = server.add_secure_port(address, credentials)
+    except RuntimeError as e:
+        raise HostError(f"cannot listen on {address}: {e}") from e
+    await server.start()
+    host = address.rpartition(":")[0].strip("[]")
+    probe_host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    try:
+        accepted = await asyncio.to_thread(tls.accepts_tls12, probe_host, port)
+    except OSError as e:
+        log.warning("could not probe %s:%d for TLS 1.2: %s", probe_host, port, e)
+        accepted = False
+    if accepted:
+        await server.stop(None)
+        raise HostError(f"{address} accepted a TLS 1.2 handshake; refusing to serve")
+    return RunningServer(server, port)
