@@ -103,6 +103,7 @@ class JobManager:
         available: frozenset[str],
         stop_grace: float,
         credentials: Credentials,
+        max_log_bytes: int | None,
     ) -> None:
         if _token is not _OPEN:
             raise TypeError("use `await JobManager.open(...)` to create a JobManager")
@@ -113,6 +114,7 @@ class JobManager:
         self._available = available
         self._stop_grace = stop_grace
         self._credentials = credentials
+        self._max_log_bytes = max_log_bytes
         self._jobs: dict[str, _Job] = {}
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -126,13 +128,20 @@ class JobManager:
         cgroup_name: str = "jobworker",
         stop_grace: float = DEFAULT_STOP_GRACE,
         credentials: Credentials | None = None,
+        max_log_bytes: int | None = None,
     ) -> JobManager:
         """Create the cgroup parent and state dir, start the spawner, recover old records.
 
         ``cgroup_root`` is the delegated group to work in (default: this process's own, from
         /proc/self/cgroup and mountinfo). Records of jobs that were running when a previous
         manager died are marked lost and their cgroups killed and removed.
+
+        ``credentials``: who jobs run as unless :meth:`start` says otherwise (default: this
+        process's own user). ``max_log_bytes``: a job whose output goes past it is stopped,
+        with the reason in its status (default: no cap).
         """
+        if max_log_bytes is not None and max_log_bytes <= 0:
+            raise ValueError("max_log_bytes must be positive")
         store = Store(state_dir)
         store.setup()
         tree = CgroupTree(cgroup_root or own_cgroup_dir(), cgroup_name)
@@ -150,6 +159,7 @@ class JobManager:
                 available=available,
                 stop_grace=stop_grace,
                 credentials=credentials or Credentials(),
+                max_log_bytes=max_log_bytes,
             )
             await self._recover()
         except BaseException:
@@ -216,9 +226,10 @@ class JobManager:
 
     # -- start -----------------------------------------------------------------------------
 
-    async def start(self, spec: JobSpec) -> JobStatus:
-        """Start a job. Raises :class:`SpawnError` (nothing is left behind),
-        :class:`LimitUnavailable`, :class:`ShuttingDown` or :class:`HostError`."""
+    async def start(self, spec: JobSpec, credentials: Credentials | None = None) -> JobStatus:
+        """Start a job, as ``credentials`` (default: the manager's). Raises
+        :class:`SpawnError` (nothing is left behind), :class:`LimitUnavailable`,
+        :class:`ShuttingDown` or :class:`HostError`."""
         if self._closing:
             raise ShuttingDown("the job manager is shutting down; no new jobs are accepted")
         controllers.check(spec.limits, self._available)
@@ -239,7 +250,13 @@ class JobManager:
             procs_fd = open_procs(group)
             try:
                 spawned = await self._spawner.spawn(
-                    path, spec.argv, env, spec.cwd, procs_fd, pipe_w, self._credentials
+                    path,
+                    spec.argv,
+                    env,
+                    spec.cwd,
+                    procs_fd,
+                    pipe_w,
+                    credentials or self._credentials,
                 )
             finally:
                 os.close(procs_fd)
@@ -256,7 +273,9 @@ class JobManager:
         )
         job = _Job(spec, status)
         job.group = group
-        job.pump = OutputPump(log_fd, pipe_r, lambda e: self._on_log_error(job, e))
+        job.pump = OutputPump(
+            log_fd, pipe_r, lambda why: self._on_output_refused(job, why), self._max_log_bytes
+        )
         self._jobs[job_id] = job
         job.task = asyncio.create_task(self._supervise(job, spawned.exit_status))
         try:
@@ -265,9 +284,10 @@ class JobManager:
             log.exception("job %s: record not written at start", job_id)
         return status
 
-    def _on_log_error(self, job: _Job, e: OSError) -> None:
-        reason = f"output log write failed: {e.strerror}"
-        log.error("job %s: %s; stopping it", job.id, reason)
+    def _on_output_refused(self, job: _Job, reason: str) -> None:
+        log.warning("job %s: %s; stopping it", job.id, reason)
+        if job.stop_reason is None:
+            job.stop_reason = reason
         self._spawn_task(self.stop(job.id, reason=reason))
 
     def _spawn_task(self, coro: object) -> None:
@@ -319,6 +339,8 @@ class JobManager:
             state, reason = JobState.STOPPED, job.stop_reason
         else:
             state = JobState.EXITED
+        if job.pump.discarded:
+            reason += f" ({job.pump.discarded} further bytes of output were discarded)"
         job.status = replace(
             job.status,
             state=state,

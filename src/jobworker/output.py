@@ -26,19 +26,31 @@ READ_CHUNK = 64 * 1024
 
 
 class OutputPump:
-    """Owns the read end of a job's output pipe and the log file it fills."""
+    """Owns the read end of a job's output pipe and the log file it fills.
+
+    When the log cannot take more — the size cap is reached, or a write fails (ENOSPC) — the
+    pump calls ``on_refused`` once with the reason and from then on drains the pipe without
+    storing (counting the bytes in :attr:`discarded`), so the job is never wedged on a full pipe
+    while its owner stops it.
+    """
 
     def __init__(
-        self, log_fd: int, pipe_r: int, on_error: Callable[[OSError], None] | None = None
+        self,
+        log_fd: int,
+        pipe_r: int,
+        on_refused: Callable[[str], None] | None = None,
+        limit: int | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._log_fd = log_fd
         self._pipe_r = pipe_r
-        self._on_error = on_error
+        self._on_refused = on_refused
+        self._limit = limit
         self.size = 0
+        self.discarded = 0
+        self.refused: str | None = None
         self.closed = False
         """No byte will be added: the pipe is drained and the job has ended (:meth:`finish`)."""
-        self.error: OSError | None = None
         self._changed: asyncio.Future[None] | None = None
         self._eof = self._loop.create_future()
         os.set_blocking(pipe_r, False)
@@ -54,34 +66,30 @@ class OutputPump:
 
     def _pump(self) -> None:
         for _ in range(BATCH_SPLICES):
+            room = SPLICE_MAX if self._limit is None else self._limit - self.size
             try:
-                n = os.splice(self._pipe_r, self._log_fd, SPLICE_MAX, offset_dst=self.size)
+                if self.refused is None and room > 0:
+                    n = os.splice(self._pipe_r, self._log_fd, room, offset_dst=self.size)
+                    self.size += n
+                else:
+                    n = len(os.read(self._pipe_r, SPLICE_MAX))
+                    self.discarded += n
+                    if n and self.refused is None:
+                        self._refuse(f"output exceeded the log size limit of {self._limit} bytes")
             except BlockingIOError:
                 break
             except OSError as e:
-                self._fail(e)
-                break
+                self._refuse(f"output log write failed: {e.strerror}")
+                continue
             if n == 0:
                 self._close()
                 break
-            self.size += n
         self._notify()
 
-    def _fail(self, e: OSError) -> None:
-        # The log cannot take more (ENOSPC, EFBIG...): keep draining so the job is not wedged,
-        # and let the owner decide (it stops the job with the reason in its status).
-        if self.error is None:
-            self.error = e
-            if self._on_error is not None:
-                self._on_error(e)
-        try:
-            while os.read(self._pipe_r, SPLICE_MAX):
-                pass
-        except BlockingIOError:
-            return
-        except OSError:
-            pass
-        self._close()
+    def _refuse(self, reason: str) -> None:
+        self.refused = reason
+        if self._on_refused is not None:
+            self._on_refused(reason)
 
     def _close(self) -> None:
         if self._eof.done():
