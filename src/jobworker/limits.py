@@ -410,7 +410,8 @@ def resolve_device(
         )
     node = sysfs / "dev" / "block" / f"{major}:{minor}"
     if not node.exists():
-        raise InvalidArgument(f"io device {device!r} ({major}:{minor}) is not a known block device")
+        shown = device if m is not None else f"{device} ({major}:{minor})"
+        raise InvalidArgument(f"io device {shown} is not a known block device (no {node})")
     if (node / "partition").exists():
         disk = node.resolve().parent
         try:

@@ -3,7 +3,8 @@ subtree, refuse limits the host cannot enforce, apply limits to a job group and 
 
 Each controller lives in its own module (:mod:`.cpu`, :mod:`.memory`, :mod:`.io`, :mod:`.pids`)
 with the same shape: ``apply(group, limits)`` writes only what was asked for, ``stats(group)``
-reads its counters. Adding a controller means adding a module and a line to :data:`_MODULES`.
+reads its counters. Adding a controller means adding a module and a line to :func:`apply`,
+:func:`read_usage` and :data:`WANTED`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import errno
 import time
 from pathlib import Path
-from typing import Protocol
 
 from jobworker.cgroup import cpu, fs, io, memory, pids
 from jobworker.errors import HostError, InvalidArgument, LimitUnavailable
@@ -24,18 +24,6 @@ DAEMON_LEAF = "daemon"
 """Leaf group the daemon moves itself into when the "no internal processes" rule requires it."""
 
 _ENABLE_ATTEMPTS = 20
-
-
-class _Controller(Protocol):
-    def apply(self, group: Path, limits: Limits) -> None: ...
-
-
-_MODULES: tuple[tuple[str, _Controller], ...] = (
-    ("cpu", cpu),
-    ("memory", memory),
-    ("io", io),
-    ("pids", pids),
-)
 
 
 def _split(text: str | None) -> frozenset[str]:
@@ -155,10 +143,15 @@ def check(limits: Limits, available: frozenset[str], *, sysfs: Path = Path("/sys
             raise InvalidArgument(f"io: {e}") from e
 
 
-def apply(group: Path, limits: Limits) -> None:
-    """Write the limits that are set into a fresh job group (before any process joins it)."""
-    for _name, module in _MODULES:
-        module.apply(group, limits)
+def apply(group: Path, limits: Limits, *, sysfs: Path = Path("/sys")) -> None:
+    """Write the limits that are set into a fresh job group (before any process joins it).
+
+    Raises :class:`LimitUnavailable` when a controller's file is missing in the group.
+    """
+    cpu.apply(group, limits)
+    memory.apply(group, limits)
+    io.apply(group, limits, sysfs=sysfs)
+    pids.apply(group, limits)
 
 
 def read_usage(group: Path) -> Usage:
