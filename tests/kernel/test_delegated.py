@@ -45,7 +45,7 @@ asyncio.run(main())
 
 
 async def test_daemon_in_a_delegated_child_group(
-    delegated: Path, tmp_path: Path, no_leftovers: None
+    delegated: Path, tmp_path: Path, no_leftovers: None, figure: dict[str, str]
 ) -> None:
     if (delegated / "cgroup.type").exists():
         pytest.skip("this session already runs in a delegated group (JW_VM_CGROUP): every test is")
@@ -74,6 +74,10 @@ async def test_daemon_in_a_delegated_child_group(
         stdout, _ = await proc.communicate()
         assert proc.returncode == 0
         report = json.loads(stdout.decode().strip().splitlines()[-1])
+        figure["daemon"] = report["daemon"].removeprefix("0::")
+        figure["job"] = report["job_cgroup"].removeprefix("0::")
+        figure["controllers"] = ",".join(report["available"])
+        figure["oom_killed"] = str(report["oom_killed"])
         assert report["daemon"] == "0::/test.slice/runner.service/daemon"
         assert report["available"] == ["cpu", "io", "memory", "pids"]
         assert report["job_cgroup"] == f"0::/test.slice/runner.service/jobworker/{report['job_id']}"
