@@ -30,7 +30,7 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-CACHE=${JW_VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/jobworker/kernel-vm}
+CACHE=${JW_VM_CACHE:-${XDG_CACHE_HOME:-${HOME:-/var/tmp}/.cache}/jobworker/kernel-vm}
 ACCEL=${JW_VM_ACCEL:-auto}
 MEM=${JW_VM_MEM:-1024}
 SMP=${JW_VM_SMP:-2}
@@ -67,12 +67,18 @@ ensure_kernel() {
   mkdir -p "$CACHE/dl"
   (
     cd "$CACHE/dl"
-    apt-cache show "$KPKG" >/dev/null 2>&1 || apt_update
     # apt-get download as root warns that it cannot drop privileges: harmless here.
-    apt-get download -q "$KPKG" busybox-static 2>&1 | grep -v unsandboxed >&2 || true
+    # Stale package lists name versions the mirror no longer has: update once and retry.
+    fetch() {
+      apt-get download -q "$@" 2>&1 | grep -v unsandboxed >&2 || true
+      # shellcheck disable=SC2086 # the patterns are globbed on purpose
+      ls ${@/%/_*.deb} > /dev/null 2>&1 || { apt_update && apt-get download -q "$@" >&2; }
+    }
+    apt-cache show "$KPKG" > /dev/null 2>&1 || apt_update
+    fetch "$KPKG" busybox-static
     real=$(dpkg-deb -f "$KPKG"_*.deb Depends | grep -o 'linux-image-[0-9][^ ,(]*' | head -1)
     [ -n "$real" ] || { log "cannot tell which kernel $KPKG depends on"; exit 1; }
-    apt-get download -q "$real" 2>&1 | grep -v unsandboxed >&2 || true
+    fetch "$real"
     dpkg-deb -x "$real"_*.deb ../kernel
     mkdir bb && dpkg-deb -x busybox-static_*.deb bb && cp bb/bin/busybox ../busybox
   )
