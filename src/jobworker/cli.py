@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import gc
 import getpass
 import json
 import os
@@ -512,6 +513,9 @@ class WorkerGroup(click.Group):
         **extra: Any,
     ) -> NoReturn:
         code = self._main(args, prog_name or PROG, complete_var or COMPLETE_VAR, extra)
+        # A failed RPC leaves reference cycles (error -> traceback -> frames -> call) that hold
+        # grpc objects; left to the interpreter's exit they make grpc's shutdown wait ~2 s.
+        gc.collect()
         sys.exit(code)
 
     def _main(
@@ -556,7 +560,11 @@ def _complete_job_ids(
     ctx: click.Context, param: click.Parameter, incomplete: str
 ) -> list[CompletionItem]:
     """Job ids for shell completion; quietly nothing when the daemon cannot be asked."""
-    settings = ctx.find_object(Settings) or Settings()
+    # The group's callback does not run while completing: build the settings from its
+    # parameters (options and WORKER_* variables), as it would.
+    params = ctx.find_root().params
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    settings = Settings(**{k: v for k, v in params.items() if k in fields and v is not None})
 
     async def ids() -> list[JobStatus]:
         async with dataclasses.replace(settings, timeout=2.0).connect() as client:
@@ -702,7 +710,8 @@ def _remote(settings: Settings, body: Callable[[_Session], Coroutine[Any, Any, T
     try:
         return _run(go())
     except JobworkerError as e:
-        raise _error_exit(e, settings.addr) from None
+        failure = _error_exit(e, settings.addr)
+    raise failure
 
 
 # -- start / run ------------------------------------------------------------------------------
@@ -865,7 +874,7 @@ def run(
     limits, variables = _limits(options), _env(env)
     out = sys.stdout.buffer
 
-    async def body(session: _Session) -> NoReturn:
+    async def body(session: _Session) -> JobStatus:
         status = await session.client.start(command, env=variables, cwd=cwd, limits=limits)
         with _interruptible(session, status.id) as detached:
             try:
@@ -879,11 +888,12 @@ def run(
                         f"`worker status {status.id}`)",
                     ) from None
                 raise
-        if final.state is JobState.STOPPED or final.oom_killed:
-            _warn(f"job {final.id} {outcome(final)}")
-        _finish(final)
+        return final
 
-    _remote(settings, body)
+    final = _remote(settings, body)
+    if final.state is JobState.STOPPED or final.oom_killed:
+        _warn(f"job {final.id} {outcome(final)}")
+    _finish(final)
 
 
 @contextlib.contextmanager
