@@ -25,12 +25,13 @@ import grpc
 from grpc import aio
 
 # isort: on
-from collections.abc import AsyncIterator, Mapping, Sequence
+import asyncio
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
 from jobworker.api import convert
-from jobworker.api.errors import error_for
+from jobworker.api.errors import RemoteError, error_for
 from jobworker.api.v1 import jobworker_pb2 as pb
 from jobworker.api.v1 import jobworker_pb2_grpc as pb_grpc
 from jobworker.errors import JobworkerError
@@ -76,6 +77,8 @@ class Client:
         self._channel = aio.secure_channel(address, credentials, options=options)
         self._stub = pb_grpc.JobWorkerStub(self._channel)
         self._timeout = timeout
+        self._streams: set[aio.UnaryStreamCall[pb.LogsRequest, pb.LogsChunk]] = set()
+        self._closed = False
         self.address = address
 
     @classmethod
@@ -91,6 +94,11 @@ class Client:
         return cls(address, tls.load_client(paths), **kwargs)  # type: ignore[arg-type]
 
     async def close(self) -> None:
+        """Cancel open :meth:`logs` streams (their iterators raise
+        :class:`~jobworker.api.errors.RemoteError` ``CANCELLED``) and close the connection."""
+        self._closed = True
+        for call in list(self._streams):
+            call.cancel()
         await self._channel.close(None)
 
     async def __aenter__(self) -> Client:
@@ -159,16 +167,23 @@ class Client:
 
     async def logs(
         self, job_id: str, *, follow: bool = False, offset: int = 0
-    ) -> AsyncIterator[tuple[int, bytes]]:
+    ) -> AsyncGenerator[tuple[int, bytes], None]:
         """``(offset, data)`` batches of the job's output from ``offset``. With ``follow`` it
         ends once the job has ended and every byte was received. After a broken connection,
         call again with the offset after the last byte received: nothing is lost or repeated.
         Leaving the loop early cancels the stream on the daemon."""
         call = self._stub.Logs(pb.LogsRequest(id=job_id, follow=follow, offset=offset))
+        self._streams.add(call)
         try:
             async for chunk in call:
                 yield chunk.offset, chunk.data
         except grpc.RpcError as e:
             raise _translate(e, job_id) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and not (task and task.cancelling()):
+                raise RemoteError("CANCELLED", "the client was closed") from None
+            raise
         finally:
+            self._streams.discard(call)
             call.cancel()

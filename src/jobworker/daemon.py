@@ -62,9 +62,11 @@ class Daemon:
         manager: JobManager,
         server: service.RunningServer,
         debug: DebugServer | None,
+        metrics: Metrics,
         stop_grace: float,
     ) -> None:
         self.manager = manager
+        self.metrics = metrics
         self._stop_grace = stop_grace
         self._server = server
         self._debug = debug
@@ -144,7 +146,7 @@ async def serve(config: Config) -> Daemon:
         )
         server = await service.start_server(servicer, material, config.listen)
         undo.pop_all()
-    daemon = Daemon(manager, server, debug, config.stop_grace)
+    daemon = Daemon(manager, server, debug, metrics, config.stop_grace)
     log.info("listening on %s (port %d)", config.listen, server.port)
     return daemon
 

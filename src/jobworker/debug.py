@@ -90,6 +90,12 @@ class Metrics:
             ["method"],
             registry=self.registry,
         )
+        self.in_flight = Gauge(
+            "jobworker_rpcs_in_flight",
+            "RPCs being handled now, by method.",
+            ["method"],
+            registry=self.registry,
+        )
         self.followers = Gauge(
             "jobworker_log_streams_active", "Logs streams being served now.", registry=self.registry
         )

@@ -48,7 +48,7 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     # Let clients ping us as often as every 10 s (the default allows one per 5 min).
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
 )
 
@@ -89,6 +89,8 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
         """Authenticate, time and translate errors for one call."""
         started = time.monotonic()
         code = grpc.StatusCode.OK
+        in_flight = self._metrics.in_flight.labels(method)
+        in_flight.inc()
         try:
             auth: Mapping[str, list[bytes]] = {
                 k: list(v) for k, v in context.auth_context().items()
@@ -107,6 +109,7 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
             log.exception("%s failed", method)
             await context.abort(code, "internal error in the daemon; see its log")
         finally:
+            in_flight.dec()
             self._metrics.rpc(method, code.name, time.monotonic() - started)
 
     def _job(self, identity: Identity, action: Action, job_id: str) -> JobStatus:

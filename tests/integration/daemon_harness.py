@@ -44,8 +44,8 @@ def make_config(state_dir: Path, pki: Path, cgroup_name: str, **kwargs: object) 
     )
 
 
-async def other_tasks() -> set[asyncio.Task[object]]:
-    """Tasks of this loop other than the caller's."""
+def other_tasks() -> set[asyncio.Task[object]]:
+    """Tasks of the running loop other than the caller's."""
     return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
 
 
@@ -56,7 +56,7 @@ async def daemon(tmp_path: Path, pki_dir: Path, cgroup_name: str) -> AsyncIterat
     if reason:
         pytest.skip(reason)
     threads_before = set(threading.enumerate())
-    tasks_before = await other_tasks()
+    tasks_before = other_tasks()
     d = await serve(make_config(tmp_path / "state", pki_dir, cgroup_name))
     parent = d.manager.cgroup_parent
     try:
@@ -64,7 +64,7 @@ async def daemon(tmp_path: Path, pki_dir: Path, cgroup_name: str) -> AsyncIterat
     finally:
         await d.close()
     assert not parent.exists(), f"cgroup {parent} left behind"
-    assert await other_tasks() <= tasks_before
+    assert other_tasks() <= tasks_before
     assert not new_threads(threads_before)
 
 
