@@ -865,7 +865,8 @@ def run(
     """Start CMD, stream its output, and exit with its exit code.
 
     Ctrl+C stops the job (SIGTERM, then SIGKILL after the daemon's grace period) and keeps
-    streaming until it has ended; a second Ctrl+C detaches at once.
+    streaming until it has ended; a second Ctrl+C detaches at once. When the reader of stdout
+    goes away (`worker run -- seq 1000000 | head`) the job is stopped too, as SIGPIPE would.
 
     \b
       worker run --cpu 0.5 -- python3 -c 'print(sum(range(10**7)))'
@@ -880,6 +881,11 @@ def run(
             try:
                 await _follow(session, status.id, True, out)
                 final = await _wait(session, status.id)
+            except _StdoutClosed:
+                # As SIGPIPE would end a local command whose reader went away.
+                with contextlib.suppress(JobworkerError):
+                    await session.client.stop(status.id)
+                raise
             except asyncio.CancelledError:
                 if detached():
                     raise _Exit(

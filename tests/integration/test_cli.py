@@ -508,14 +508,24 @@ async def test_logs_into_head_ends_quietly(env: Env, tmp_path: Path, connect: Co
     try:
         for args, expected in (
             (["logs", done], data[:1000]),
-            (["logs", "-f", ticking], b"tick\n" * 200),
+            (["logs", "-f", ticking], b"tick\n" * 20),
         ):
             worker_rc, stderr, head_out = await pipe_into_head(args, env, len(expected))
             assert head_out == expected, args
             assert stderr == b"", args  # no BrokenPipeError traceback, no message
             assert worker_rc == Exit.STDOUT_CLOSED, args
+        assert (await connect("alice").status(ticking)).state is JobState.RUNNING
     finally:
         await connect("alice").stop(ticking)
+
+
+async def test_run_into_head_ends_quietly_and_stops_the_job(env: Env, connect: Connect) -> None:
+    args = ["run", "--", "sh", "-c", "i=0; while :; do i=$((i+1)); echo $i; done"]  # endless
+    worker_rc, stderr, head_out = await pipe_into_head(args, env, 8)
+    assert (head_out, stderr, worker_rc) == (b"1\n2\n3\n4\n", b"", Exit.STDOUT_CLOSED)
+    [job] = await connect("alice").list()
+    final = await connect("alice").wait(job.id)  # stopped, as SIGPIPE would end `seq | head`
+    assert (final.state, final.signal) == (JobState.STOPPED, signal.SIGTERM)
 
 
 async def pipe_into_head(
