@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import io
 import ipaddress
 import socket
@@ -130,12 +129,15 @@ def thread_stacks() -> str:
 
 
 async def task_stacks() -> str:
-    """Every asyncio task of the running loop with its stack (call on the loop)."""
+    """Every asyncio task of the running loop with its stack (call on the loop).
+
+    Not ``Task.print_stack``: it fails on frames without a line number (Cython coroutines)."""
     out = io.StringIO()
     for task in sorted(asyncio.all_tasks(), key=lambda t: t.get_name()):
         out.write(f"--- task {task.get_name()}: {task.get_coro()!r}\n")
-        with contextlib.redirect_stderr(out):
-            task.print_stack(file=out)
+        for frame in task.get_stack():
+            code = frame.f_code
+            out.write(f'  File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}\n')
     return out.getvalue()
 
 
@@ -309,7 +311,11 @@ def _handler_class(server: DebugServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             url = urlsplit(self.path)
-            status, ctype, body = server.route(url.path, parse_qs(url.query))
+            try:
+                status, ctype, body = server.route(url.path, parse_qs(url.query))
+            except Exception:
+                status = HTTPStatus.INTERNAL_SERVER_ERROR
+                ctype, body = "text/plain; charset=utf-8", traceback.format_exc().encode()
             self.send_response(status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
