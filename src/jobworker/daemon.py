@@ -343,3 +343,7 @@ def main(
     except OSError as e:
         click.echo(f"workerd: {e}", err=True)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

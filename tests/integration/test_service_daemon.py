@@ -1,0 +1,157 @@
+"""workerd as a real process: flags, SIGTERM, and recovery after SIGKILL."""
+
+from __future__ import annotations
+
+# isort: off
+from tests.integration import daemon_harness as harness
+
+# isort: on
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from jobworker import JobState
+from jobworker.client import Client
+from jobworker.daemon import main, serve
+from tests.conftest import cgroup2_usable, wait_for
+
+pki_dir = harness.pki_dir
+GATED = 'echo first; while [ ! -e "$1" ]; do sleep 0.01; done; echo second'
+
+
+class Workerd:
+    def __init__(self, proc: asyncio.subprocess.Process, log: Path, port: int) -> None:
+        self.proc, self.log, self.port = proc, log, port
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+async def workerd(tmp_path: Path, pki_dir: Path, cgroup_name: str) -> AsyncIterator[Workerd]:
+    if reason := cgroup2_usable():
+        pytest.skip(reason)
+    log = tmp_path / "workerd.log"
+    with log.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "jobworker.daemon",
+            "--pki", str(pki_dir), "--listen", "127.0.0.1:0",
+            "--state-dir", str(tmp_path / "state"), "--cgroup-name", cgroup_name,
+            "--stop-grace", "1",
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+    port: list[int] = []
+
+    def listening() -> bool:
+        m = re.search(r"listening on \S+ \(port (\d+)\)", log.read_text())
+        if m:
+            port.append(int(m.group(1)))
+        assert proc.returncode is None, log.read_text()
+        return bool(m)
+
+    try:
+        await wait_for(listening, timeout=30, what="workerd to listen")
+        yield Workerd(proc, log, port[0])
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def test_sigterm_shuts_down_gracefully(
+    workerd: Workerd, pki_dir: Path, tmp_path: Path, cgroup_name: str
+) -> None:
+    async with Client.from_pki(workerd.address, pki_dir, "alice") as c:
+        st = await c.start(["sh", "-c", GATED, "sh", str(tmp_path / "never")])
+        stream = c.logs(st.id, follow=True)
+        assert await anext(stream) == (0, b"first\n")
+        workerd.proc.send_signal(signal.SIGTERM)
+        assert [x async for x in stream] == []  # ended cleanly with the job
+    assert await workerd.proc.wait() == 0, workerd.log.read_text()
+    assert "stopped" in workerd.log.read_text()
+    # Records and logs stay; the cgroups are gone.
+    d = await serve(harness.make_config(tmp_path / "state", pki_dir, cgroup_name))
+    try:
+        final = d.manager.status(st.id)
+        assert final.state is JobState.STOPPED
+        assert b"".join([x async for x in d.manager.output(st.id)]) == b"first\n"
+    finally:
+        await d.close()
+
+
+async def test_recovery_after_sigkill(
+    workerd: Workerd, pki_dir: Path, tmp_path: Path, cgroup_name: str
+) -> None:
+    async with Client.from_pki(workerd.address, pki_dir, "alice") as c:
+        done = await c.start(["sh", "-c", "echo done"])
+        done_final = await c.wait(done.id)
+        running = await c.start(["sh", "-c", GATED, "sh", str(tmp_path / "never")])
+        assert await anext(c.logs(running.id, follow=True)) == (0, b"first\n")
+    workerd.proc.kill()
+    await workerd.proc.wait()
+    os.kill(running.pid, 0)  # the orphaned job is still alive before the restart
+    d = await serve(harness.make_config(tmp_path / "state", pki_dir, cgroup_name))
+    try:
+        async with Client.from_pki(f"127.0.0.1:{d.port}", pki_dir, "alice") as c:
+            assert await c.status(done.id) == done_final
+            lost = await c.status(running.id)
+            assert lost.state is JobState.LOST
+            assert "daemon stopped while the job was running" in lost.reason
+            assert [x async for x in c.logs(running.id, follow=True)] == [(0, b"first\n")]
+        await wait_for(lambda: not pid_alive(running.pid), what="the lost job to be killed")
+        assert [p.name for p in d.manager.cgroup_parent.iterdir() if p.is_dir()] == []
+    finally:
+        await d.close()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "give --pki DIR, or all of --ca, --cert and --key"),
+        (["--ca", "x.pem"], "give --pki DIR, or all of --ca, --cert and --key"),
+        (["--pki", "/no/such/dir"], "cannot read the CA certificate /no/such/dir/ca.pem"),
+        (["--pki", "{pki}", "--max-memory", "lots"], "memory: 'lots' is not understood"),
+        (["--pki", "{pki}", "--debug-addr", "0.0.0.0:6060"], "must be on loopback"),
+        (["--pki", "{pki}", "--default-pids", "100", "--max-pids", "10"], "pids: 100 is above"),
+    ],
+)
+def test_bad_configuration_is_one_clear_line(
+    pki_dir: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    argv = [a.replace("{pki}", str(pki_dir)) for a in args] + ["--state-dir", str(tmp_path / "s")]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code in (1, 2), result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_help_lists_env_and_flags() -> None:
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for flag in (
+        "--listen",
+        "--pki",
+        "--state-dir",
+        "--stop-grace",
+        "--debug-addr",
+        "--max-memory",
+        "WORKERD_",
+    ):
+        assert flag in result.output
