@@ -1,0 +1,179 @@
+"""The wire layer without a network: the error table and the value <-> message conversions."""
+
+from __future__ import annotations
+
+# isort: off
+from jobworker import tls  # noqa: F401 - before grpc, or this process's grpc would allow TLS 1.2
+import grpc
+
+# isort: on
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from jobworker.api.convert import limits_from_pb, limits_to_pb, status_from_pb, status_to_pb
+from jobworker.api.errors import ERROR_CODES, RemoteError, code_for, error_for
+from jobworker.api.v1 import jobworker_pb2 as pb
+from jobworker.authz import Unauthenticated
+from jobworker.errors import (
+    HostError,
+    InvalidArgument,
+    JobNotFound,
+    JobworkerError,
+    LimitUnavailable,
+    PermissionDenied,
+    ShuttingDown,
+    SpawnError,
+)
+from jobworker.limits import IOLimit, Limits
+from jobworker.spec import JobState, JobStatus, Usage
+
+T0 = datetime(2030, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (InvalidArgument("x"), "INVALID_ARGUMENT"),
+        (SpawnError("x"), "INVALID_ARGUMENT"),
+        (JobNotFound("j"), "NOT_FOUND"),
+        (PermissionDenied("x"), "PERMISSION_DENIED"),
+        (Unauthenticated("x"), "UNAUTHENTICATED"),
+        (LimitUnavailable("x"), "FAILED_PRECONDITION"),
+        (ShuttingDown("x"), "UNAVAILABLE"),
+        (HostError("x"), "INTERNAL"),
+        (JobworkerError("x"), "INTERNAL"),
+    ],
+)
+def test_code_for(error: JobworkerError, code: str) -> None:
+    assert code_for(error) == code
+
+
+def test_every_code_is_a_grpc_status_code() -> None:
+    for _, code in ERROR_CODES:
+        assert grpc.StatusCode[code].name == code
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        ("INVALID_ARGUMENT", InvalidArgument),
+        ("NOT_FOUND", JobNotFound),
+        ("PERMISSION_DENIED", PermissionDenied),
+        ("UNAUTHENTICATED", Unauthenticated),
+        ("FAILED_PRECONDITION", LimitUnavailable),
+        ("UNAVAILABLE", ShuttingDown),
+        ("INTERNAL", HostError),
+    ],
+)
+def test_error_for_round_trips_the_table(code: str, cls: type[JobworkerError]) -> None:
+    error = error_for(code, "the message", "job-1")
+    assert type(error) is cls
+    assert str(error) == "the message"
+    assert code_for(error) == code
+
+
+def test_not_found_keeps_the_job_id() -> None:
+    error = error_for("NOT_FOUND", "no job with id 'j'", "j")
+    assert isinstance(error, JobNotFound) and error.job_id == "j"
+
+
+def test_codes_outside_the_table() -> None:
+    error = error_for("DEADLINE_EXCEEDED", "Deadline Exceeded")
+    assert isinstance(error, RemoteError)
+    assert error.code == "DEADLINE_EXCEEDED"
+    assert str(error) == "Deadline Exceeded (DEADLINE_EXCEEDED)"
+
+
+LIMITS = [
+    Limits(),
+    Limits(cpu=0.5),
+    Limits(cpu_weight=1, memory=1 << 20, pids=1),
+    Limits(io=(IOLimit("8:0", read_bps=1), IOLimit("/dev/sda", write_iops=7, write_bps=9))),
+]
+
+
+@pytest.mark.parametrize("limits", LIMITS)
+def test_limits_round_trip(limits: Limits) -> None:
+    assert limits_from_pb(limits_to_pb(limits)) == limits
+
+
+def test_unset_limits_stay_unset() -> None:
+    msg = limits_to_pb(Limits(memory=1 << 30))
+    assert not msg.HasField("cpu") and not msg.HasField("pids") and msg.HasField("memory")
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        pb.Limits(cpu=float("inf")),
+        pb.Limits(cpu=0),
+        pb.Limits(memory=1 << 63),
+        pb.Limits(io=[pb.IOLimit(device="8:0")]),
+        pb.Limits(io=[pb.IOLimit(device="8:0", read_bps=1), pb.IOLimit(device="8:0", read_bps=2)]),
+    ],
+)
+def test_bad_limits_from_the_wire(msg: pb.Limits) -> None:
+    with pytest.raises(InvalidArgument):
+        limits_from_pb(msg)
+
+
+STATUSES = [
+    JobStatus(
+        id="a", state=JobState.RUNNING, argv=("sleep", "1"), owner="alice", pid=7, started_at=T0
+    ),
+    JobStatus(
+        id="b",
+        state=JobState.EXITED,
+        argv=("x",),
+        owner="bob",
+        pid=8,
+        started_at=T0,
+        ended_at=T0 + timedelta(seconds=3),
+        exit_code=0,
+        limits=Limits(memory=64 << 20),
+        usage=Usage(cpu_user_usec=1, memory_peak=5, pids_current=0),
+        output_bytes=99,
+    ),
+    JobStatus(
+        id="c",
+        state=JobState.STOPPED,
+        argv=("x",),
+        owner="bob",
+        pid=9,
+        started_at=T0,
+        ended_at=T0,
+        signal=15,
+        reason="stopped by root",
+        oom_killed=True,
+        usage=Usage(memory_peak=None),
+    ),
+    JobStatus(
+        id="d",
+        state=JobState.LOST,
+        argv=("x",),
+        owner="o",
+        pid=1,
+        started_at=T0,
+        ended_at=T0,
+        reason="lost",
+    ),
+]
+
+
+@pytest.mark.parametrize("status", STATUSES, ids=[s.state.value for s in STATUSES])
+def test_status_round_trip(status: JobStatus) -> None:
+    assert status_from_pb(status_to_pb(status)) == status
+
+
+def test_exit_code_zero_is_distinct_from_unset() -> None:
+    assert status_to_pb(STATUSES[1]).HasField("exit_code")
+    assert not status_to_pb(STATUSES[0]).HasField("exit_code")
+    assert not status_to_pb(STATUSES[0]).HasField("ended_at")
+
+
+def test_unknown_state_from_the_wire() -> None:
+    msg = status_to_pb(STATUSES[0])
+    msg.state = pb.JOB_STATE_UNSPECIFIED
+    with pytest.raises(InvalidArgument, match="unknown state"):
+        status_from_pb(msg)
