@@ -3,17 +3,23 @@
 Why a separate process: the daemon runs gRPC's threads, and forking a threaded process then
 running Python in the child is unsafe (grpc/grpc#17986). This process is started with a fresh
 interpreter (``python -I -S _spawner.py FD``, so it inherits no threads and imports only the
-standard library) and never starts a thread. For each job it forks; the child writes itself
-into the job's ``cgroup.procs`` *before* ``execve``, so the job's first instruction — and every
-process it forks — is already inside its cgroup.
+standard library) and never starts a thread. Either way a job is started, its first
+instruction — and every process it forks — is already inside its cgroup:
+
+- fast path (the job keeps our credentials): the spawner writes itself into the job's
+  ``cgroup.procs``, ``posix_spawn``s (vfork+exec in C: no Python in the child), and writes
+  itself back into its own group. The child is born in the job's group.
+- fork path (the job runs as another user): fork; the child writes itself into the job's
+  ``cgroup.procs``, sets its session, stdio, cwd and credentials, then ``execve``.
 
 It is also the parent (and, via PR_SET_CHILD_SUBREAPER, the reaper of orphans) of every job,
 so it reports each job's wait status back to the daemon. It exits when the daemon's end of the
 socket closes.
 
 Wire format on the stream socket, both ways: 4-byte big-endian length + a ``marshal``-ed tuple.
-Requests: ``("spawn", req_id, path, argv, env, cwd, uid, gid, groups)`` with two fds attached
-(cgroup.procs of the job's group, the write end of its output pipe).
+Requests: ``("spawn", req_id, path, argv, env, cwd, uid, gid, groups, fast)`` with two fds
+attached (cgroup.procs of the job's group, the write end of its output pipe); ``("home",)`` with
+the spawner's own cgroup.procs attached (needed by the fast path).
 Replies: ``("ok", req_id, pid)`` or ``("err", req_id, errno, stage)``;
 events: ``("exit", pid, status)``.
 
@@ -92,71 +98,145 @@ class Reader:
         return fds
 
 
-def _child(
-    procs_fd: int,
-    out_fd: int,
-    devnull: int,
-    err_w: int,
-    path: bytes,
-    argv: list[bytes],
-    env: list[bytes],
-    cwd: bytes,
-    uid: int,
-    gid: int,
-    groups: list[int],
-) -> None:
-    stage = "cgroup"
-    try:
-        os.write(procs_fd, b"0")
-        stage = "setsid"
-        os.setsid()
-        stage = "stdio"
-        os.dup2(devnull, 0)
-        os.dup2(out_fd, 1)
-        os.dup2(out_fd, 2)
-        stage = "cwd"
-        os.chdir(cwd)
-        stage = "credentials"
-        if gid >= 0:
-            os.setgroups(groups)
-            os.setgid(gid)
-        if uid >= 0:
-            os.setuid(uid)
-        stage = "exec"
-        # Python ignores SIGPIPE and SIGXFSZ; an ignored signal stays ignored across exec.
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
-        os.execve(path, argv, dict(e.split(b"=", 1) for e in env))
-    except OSError as e:
-        os.write(err_w, marshal.dumps((e.errno or errno.EIO, stage)))
-    finally:
-        os._exit(127)
+def _ignored_signals() -> tuple[int, ...]:
+    """Signals ignored here (Python ignores SIGPIPE and SIGXFSZ, we ignore SIGINT): an ignored
+    signal stays ignored across exec, so jobs get them reset to default."""
+    return tuple(
+        s
+        for s in signal.valid_signals()
+        if s not in (signal.SIGKILL, signal.SIGSTOP) and signal.getsignal(s) == signal.SIG_IGN
+    )
 
 
-def _spawn(sock: socket.socket, devnull: int, msg: tuple[object, ...], fds: list[int]) -> None:
-    _op, req_id, path, argv, env, cwd, uid, gid, groups = msg
-    procs_fd, out_fd = fds
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    try:
-        pid = os.fork()
-        if pid == 0:
-            _child(procs_fd, out_fd, devnull, err_w, path, argv, env, cwd, uid, gid, groups)  # type: ignore[arg-type]
-        os.close(err_w)
-        err_w = -1
-        report = b""
-        while chunk := os.read(err_r, 4096):  # EOF at exec: the pipe is close-on-exec
-            report += chunk
-    finally:
-        for fd in (procs_fd, out_fd, err_r, err_w):
-            if fd >= 0:
-                os.close(fd)
-    if report:
-        os.waitpid(pid, 0)
-        err, stage = marshal.loads(report)
-        send_message(sock, ("err", req_id, err, stage))
-    else:
-        send_message(sock, ("ok", req_id, pid))
+class Spawner:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self.home_fd = -1
+        """cgroup.procs of the group the spawner lives in, to step back after a fast spawn."""
+        self.reset_signals: tuple[int, ...] = ()
+
+    def handle(self, msg: tuple[Any, ...], reader: Reader) -> None:
+        if msg[0] == "home":
+            (fd,) = reader.take_fds(1)
+            if self.home_fd >= 0:
+                os.close(self.home_fd)
+            self.home_fd = fd
+        elif msg[0] == "spawn":
+            procs_fd, out_fd = reader.take_fds(2)
+            try:
+                if msg[9] and self.home_fd >= 0:
+                    reply = self.spawn_fast(msg, procs_fd, out_fd)
+                else:
+                    reply = self.spawn_fork(msg, procs_fd, out_fd)
+            finally:
+                os.close(procs_fd)
+                os.close(out_fd)
+            send_message(self.sock, reply)
+
+    def spawn_fast(self, msg: tuple[Any, ...], procs_fd: int, out_fd: int) -> tuple[Any, ...]:
+        """vfork+exec (posix_spawn) from inside the job's group.
+
+        The spawner steps into the job's cgroup, so the child is born there, and steps back
+        out. Used only when the job keeps our credentials (posix_spawn cannot change them) and
+        its pids limit leaves room for the spawner's moment inside (the manager decides).
+        """
+        _op, req_id, path, argv, env, cwd, _uid, _gid, _groups, _fast = msg
+        stage = "cgroup"
+        try:
+            os.write(procs_fd, b"0")
+            try:
+                stage = "cwd"
+                os.chdir(cwd)
+                stage = "exec"
+                pid = os.posix_spawn(
+                    path,
+                    argv,
+                    dict(e.split(b"=", 1) for e in env),
+                    file_actions=[
+                        (os.POSIX_SPAWN_DUP2, self.devnull, 0),
+                        (os.POSIX_SPAWN_DUP2, out_fd, 1),
+                        (os.POSIX_SPAWN_DUP2, out_fd, 2),
+                    ],
+                    setsid=True,
+                    setsigdef=self.reset_signals,
+                    setsigmask=(),
+                )
+            finally:
+                os.chdir("/")
+                # Staying in the job's group would put us under its limits and its kill: if
+                # stepping out fails, dying is the safe answer (the daemon sees EOF).
+                try:
+                    os.write(self.home_fd, b"0")
+                except OSError:
+                    os._exit(70)
+        except OSError as e:
+            return ("err", req_id, e.errno or errno.EIO, stage)
+        return ("ok", req_id, pid)
+
+    def spawn_fork(self, msg: tuple[Any, ...], procs_fd: int, out_fd: int) -> tuple[Any, ...]:
+        """fork, then in the child: into the job's group, session, stdio, cwd, credentials,
+        exec. Safe here because this process never runs a thread."""
+        _op, req_id, path, argv, env, cwd, uid, gid, groups, _fast = msg
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self._child(procs_fd, out_fd, err_w, path, argv, env, cwd, uid, gid, groups)
+            os.close(err_w)
+            err_w = -1
+            report = b""
+            while chunk := os.read(err_r, 4096):  # EOF at exec: the pipe is close-on-exec
+                report += chunk
+        finally:
+            os.close(err_r)
+            if err_w >= 0:
+                os.close(err_w)
+        if report:
+            os.waitpid(pid, 0)
+            err, stage = marshal.loads(report)
+            return ("err", req_id, err, stage)
+        return ("ok", req_id, pid)
+
+    def _child(
+        self,
+        procs_fd: int,
+        out_fd: int,
+        err_w: int,
+        path: bytes,
+        argv: list[bytes],
+        env: list[bytes],
+        cwd: bytes,
+        uid: int,
+        gid: int,
+        groups: list[int],
+    ) -> None:
+        stage = "cgroup"
+        try:
+            os.write(procs_fd, b"0")
+            stage = "setsid"
+            os.setsid()
+            stage = "stdio"
+            os.dup2(self.devnull, 0)
+            os.dup2(out_fd, 1)
+            os.dup2(out_fd, 2)
+            stage = "cwd"
+            os.chdir(cwd)
+            stage = "credentials"
+            if gid >= 0:
+                os.setgroups(groups)
+                os.setgid(gid)
+            if uid >= 0:
+                os.setuid(uid)
+            stage = "exec"
+            for sig in self.reset_signals:
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, ())
+            os.execve(path, argv, dict(e.split(b"=", 1) for e in env))
+        except OSError as e:
+            os.write(err_w, marshal.dumps((e.errno or errno.EIO, stage)))
+        finally:
+            os._exit(127)
 
 
 def _reap(sock: socket.socket) -> None:
@@ -171,15 +251,18 @@ def _reap(sock: socket.socket) -> None:
 
 
 def main(fd: int) -> None:
+    # The socket came to us inheritable (pass_fds): no job may ever hold it.
+    os.set_inheritable(fd, False)
     sock = socket.socket(fileno=fd)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    spawner = Spawner(sock)
     wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     # The daemon's terminal signals are not ours: it tells us to stop by closing the socket.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    spawner.reset_signals = _ignored_signals()
     reader = Reader(sock)
     poller = select.poll()
     poller.register(sock, select.POLLIN)
@@ -191,18 +274,14 @@ def main(fd: int) -> None:
             continue
         for ready, _mask in events:
             if ready == wake_r:
-                try:
+                with contextlib.suppress(BlockingIOError):
                     while os.read(wake_r, 4096):
                         pass
-                except BlockingIOError:
-                    pass
-                _reap(sock)
-                continue
-            if not reader.feed():
-                return
-            for msg in reader.messages():
-                if msg[0] == "spawn":
-                    _spawn(sock, devnull, msg, reader.take_fds(2))
+            else:
+                if not reader.feed():
+                    return
+                for msg in reader.messages():
+                    spawner.handle(msg, reader)
         _reap(sock)
 
 

@@ -115,6 +115,7 @@ class JobManager:
         self._stop_grace = stop_grace
         self._credentials = credentials
         self._max_log_bytes = max_log_bytes
+        self._fast_spawn = False
         self._jobs: dict[str, _Job] = {}
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -162,6 +163,7 @@ class JobManager:
                 max_log_bytes=max_log_bytes,
             )
             await self._recover()
+            self._fast_spawn = await _give_spawner_its_home(spawner)
         except BaseException:
             await spawner.close()
             raise
@@ -248,15 +250,18 @@ class JobManager:
             pipe_r, pipe_w = OutputPump.make_pipe()
             undo.callback(_close_quietly, pipe_r)
             procs_fd = open_procs(group)
+            creds = credentials or self._credentials
+            # The fast path cannot change credentials, and the spawner counts against the
+            # job's pids.max for a moment.
+            fast = (
+                self._fast_spawn
+                and creds.uid < 0
+                and creds.gid < 0
+                and (spec.limits.pids is None or spec.limits.pids >= 2)
+            )
             try:
                 spawned = await self._spawner.spawn(
-                    path,
-                    spec.argv,
-                    env,
-                    spec.cwd,
-                    procs_fd,
-                    pipe_w,
-                    credentials or self._credentials,
+                    path, spec.argv, env, spec.cwd, procs_fd, pipe_w, creds, fast
                 )
             finally:
                 os.close(procs_fd)
@@ -472,6 +477,22 @@ _OPEN = object()
 def _close_quietly(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
+
+
+async def _give_spawner_its_home(spawner: Spawner) -> bool:
+    """Tell the spawner where it lives (found after ``controllers.enable`` may have moved it)
+    so it can step back there after a fast spawn. ``False``: only the fork path is used."""
+    try:
+        home = own_cgroup_dir(cgroup_path=f"/proc/{spawner.pid}/cgroup")
+        fd = open_procs(home)
+    except HostError as e:
+        log.warning("spawner's own cgroup not found (%s); jobs start by fork+exec", e)
+        return False
+    try:
+        await spawner.set_home(fd)
+    finally:
+        os.close(fd)
+    return True
 
 
 def _raise_nofile_limit() -> None:

@@ -171,8 +171,10 @@ class Spawner:
         procs_fd: int,
         out_fd: int,
         creds: Credentials,
+        fast: bool,
     ) -> Spawned:
-        """Fork+exec in the spawner. The fds are duplicated into the spawner; the caller keeps
+        """Start a job in the spawner (``fast``: posix_spawn from inside the job's group; see
+        :mod:`jobworker._spawner`). The fds are duplicated into the spawner; the caller keeps
         (and must close) its own."""
         if self._dead is not None:
             raise self._dead
@@ -190,6 +192,7 @@ class Spawner:
             creds.uid,
             creds.gid,
             list(creds.groups),
+            fast,
         )
         try:
             await self._send(message, [procs_fd, out_fd])
@@ -197,6 +200,10 @@ class Spawner:
             self._pending.pop(req, None)
             raise HostError(f"cannot reach the spawner process: {e}") from e
         return await fut
+
+    async def set_home(self, procs_fd: int) -> None:
+        """Give the spawner its own group's cgroup.procs (needed by the fast path)."""
+        await self._send(("home",), [procs_fd])
 
     async def close(self) -> None:
         """Close the socket (the spawner exits on EOF) and reap it."""
