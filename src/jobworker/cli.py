@@ -466,18 +466,21 @@ def status_text(s: JobStatus) -> str:
     ]
     u = s.usage
     if u is not None:
+        # Counters of a controller the job's group lacks read as zero (a hybrid host has only
+        # cpu.stat): show the others when they say something.
         cpu = f"{u.cpu_user_usec / 1e6:.3f}s user, {u.cpu_system_usec / 1e6:.3f}s system"
         if u.nr_throttled:
             cpu += f", throttled {u.nr_throttled} times"
-        memory = _size(u.memory_current)
-        if u.memory_peak is not None:
-            memory += f" (peak {_size(u.memory_peak)})"
-        rows += [
-            ("cpu", cpu),
-            ("memory", memory),
-            ("io", f"read {_size(u.io_read_bytes)}, written {_size(u.io_write_bytes)}"),
-            ("tasks", str(u.pids_current)),
-        ]
+        rows.append(("cpu", cpu))
+        if u.memory_current or u.memory_peak is not None:
+            memory = _size(u.memory_current)
+            if u.memory_peak is not None:
+                memory += f" (peak {_size(u.memory_peak)})"
+            rows.append(("memory", memory))
+        if u.io_read_bytes or u.io_write_bytes:
+            rows.append(("io", f"read {_size(u.io_read_bytes)}, written {_size(u.io_write_bytes)}"))
+        if u.pids_current:
+            rows.append(("tasks", str(u.pids_current)))
     return "\n".join(f"{name + ':':<9} {value}" for name, value in rows)
 
 
