@@ -190,6 +190,9 @@ class Settings:
 
     def connect(self) -> Client:
         """A client for the daemon; raises :class:`ConfigError` for unusable certificates."""
+        # grpc's C core logs failed handshakes and connects on stderr; the CLI reports errors
+        # itself, in one line. GRPC_VERBOSITY=debug still works for debugging.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
         from jobworker.client import Client
 
         ca, cert, key = self.tls_paths()
