@@ -31,6 +31,7 @@ HOST, PORT = "127.0.0.1", 50051
 ADDR = f"{HOST}:{PORT}"
 USER = "alice"
 READY_TIMEOUT = 30.0
+CGROUP_NAME = "jobworker-dev"
 
 JOB = (
     'echo "hello from job pid $$"; '
@@ -158,6 +159,9 @@ def start_daemon() -> int:
         "--pki", str(PKI),
         "--state-dir", str(STATE),
         "--listen", ADDR,
+        # Not the default name: another workerd or JobManager in this same cgroup must not
+        # share (and on close remove) the demo's parent group.
+        "--cgroup-name", CGROUP_NAME,
     ]  # fmt: skip
     say(f"$ {shlex.join(['workerd', *argv[1:]])} &   # log: {LOG.relative_to(ROOT)}")
     with open(LOG, "ab") as log:
