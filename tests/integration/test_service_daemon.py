@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from jobworker import JobState
+from jobworker import JobManager, JobState
 from jobworker.client import Client
 from jobworker.daemon import main, serve
 from tests.conftest import cgroup2_usable, wait_for
@@ -65,6 +65,12 @@ async def workerd(tmp_path: Path, pki_dir: Path, cgroup_name: str) -> AsyncItera
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
+        # Whatever the test did to the process, leave no job and no cgroup behind: a manager on
+        # the same state and group recovers (kills) what a killed daemon left, then removes it.
+        mgr = await JobManager.open(tmp_path / "state", cgroup_name=cgroup_name)
+        parent = mgr.cgroup_parent
+        await mgr.close()
+        assert not parent.exists()
 
 
 async def test_sigterm_shuts_down_gracefully(
