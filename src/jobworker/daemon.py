@@ -22,8 +22,9 @@ import click
 
 from jobworker import service
 from jobworker.authz import Policy
+from jobworker.cgroup import controllers
 from jobworker.debug import DebugServer, Metrics
-from jobworker.errors import JobworkerError
+from jobworker.errors import JobworkerError, LimitUnavailable
 from jobworker.limits import Limits, effective_limits
 from jobworker.manager import DEFAULT_STOP_GRACE, JobManager
 from jobworker.spec import JobState
@@ -111,7 +112,8 @@ async def serve(config: Config) -> Daemon:
     mutual TLS, start the debug endpoint if asked.
 
     Raises :class:`~jobworker.errors.InvalidArgument` for bad configuration (certificates,
-    policy, limits above their caps, debug address), :class:`~jobworker.errors.HostError` when
+    policy, limits above their caps, debug address), :class:`~jobworker.errors.LimitUnavailable`
+    for default limits the host cannot enforce, :class:`~jobworker.errors.HostError` when
     the host refuses (cgroups, state dir, the listen address). Nothing is left running on error.
     """
     material = load_server(config.tls)
@@ -131,6 +133,13 @@ async def serve(config: Config) -> Daemon:
             stop_grace=config.stop_grace,
         )
         undo.push_async_callback(manager.close)
+        try:
+            controllers.check(defaults, manager.available_controllers)
+        except LimitUnavailable as e:
+            raise LimitUnavailable(
+                f"the default limits cannot be enforced on this host, so the daemon will not "
+                f"start (drop them or run on a host that delegates the controller): {e}"
+            ) from e
 
         async def list_states() -> list[JobState]:
             return [s.state for s in manager.list()]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from jobworker import JobManager, JobState
+from jobworker import JobManager, JobState, Limits, LimitUnavailable
 from jobworker.client import Client
 from jobworker.daemon import main, serve
 from tests.conftest import cgroup2_usable, wait_for
@@ -161,3 +161,21 @@ def test_help_lists_env_and_flags() -> None:
         "WORKERD_",
     ):
         assert flag in result.output
+
+
+async def test_default_limits_the_host_cannot_enforce_stop_the_daemon(
+    tmp_path: Path, pki_dir: Path, cgroup_name: str
+) -> None:
+    if reason := cgroup2_usable():
+        pytest.skip(reason)
+    config = harness.make_config(
+        tmp_path / "state", pki_dir, cgroup_name, default_limits=Limits(memory=64 << 20)
+    )
+    probe = await JobManager.open(tmp_path / "probe", cgroup_name=cgroup_name + "-probe")
+    available = probe.available_controllers
+    await probe.close()
+    if "memory" in available:
+        pytest.skip("this host can enforce memory limits")
+    with pytest.raises(LimitUnavailable, match=r"default limits cannot be enforced.*memory"):
+        await serve(config)
+    assert not (probe.cgroup_parent.parent / cgroup_name).exists()
