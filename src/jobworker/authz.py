@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -115,9 +115,15 @@ def visible(identity: Identity, owner: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """Server-side role assignments: ``roles[name]`` overrides the role in the certificate."""
+    """Server-side settings per identity: ``roles[name]`` overrides the role in the certificate;
+    ``run_as[name or role]`` is the Unix account (``user`` or ``user:group``) its jobs run as."""
 
     roles: Mapping[str, Role]
+    run_as: Mapping[str, str] = field(default_factory=dict)
+
+    def account_for(self, identity: Identity) -> str | None:
+        """The identity's own entry, else its role's, else ``None`` (the daemon's default)."""
+        return self.run_as.get(identity.name) or self.run_as.get(identity.role.value)
 
     @classmethod
     def load(cls, path: Path) -> Policy:
@@ -126,6 +132,10 @@ class Policy:
             [roles]
             alice = "admin"
             bob = "viewer"
+
+            [run_as]            # identity or role -> Unix account; default: the daemon's
+            admin = "root"      # root only when granted by name
+            alice = "alice:staff"
 
         Raises :class:`InvalidArgument` naming the file and entry when it is malformed, and
         ``OSError`` when it cannot be read.
@@ -146,7 +156,14 @@ class Policy:
                     f"policy file {path}: role {role!r} for {name!r} is not one of "
                     f"{', '.join(Role)}"
                 ) from None
-        return cls(roles)
+        run_as = data.get("run_as", {})
+        if not isinstance(run_as, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v for k, v in run_as.items()
+        ):
+            raise InvalidArgument(
+                f'policy file {path}: [run_as] must map names to accounts ("user[:group]")'
+            )
+        return cls(roles, run_as)
 
 
 def identity_from_certificate(pem: bytes, policy: Policy | None = None) -> Identity:

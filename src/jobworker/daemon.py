@@ -21,6 +21,7 @@ from pathlib import Path
 import click
 
 from jobworker import service
+from jobworker.accounts import DEFAULT_JOB_ACCOUNT
 from jobworker.authz import Policy
 from jobworker.cgroup import controllers
 from jobworker.debug import DebugServer, Metrics
@@ -51,6 +52,9 @@ class Config:
     default_limits: Limits = field(default_factory=Limits)
     max_limits: Limits = field(default_factory=Limits)
     policy_file: Path | None = None
+    job_account: str | None = DEFAULT_JOB_ACCOUNT
+    """Unix account jobs run as unless the policy names one (``None``: the daemon's own user;
+    only a root daemon can switch)."""
     debug_address: str | None = None
     """``HOST:PORT`` on loopback for /metrics and /debug/*; ``None`` = off."""
 
@@ -123,6 +127,11 @@ async def serve(config: Config) -> Daemon:
     )
     caps = config.max_limits.resolved() if config.max_limits.io else config.max_limits
     effective_limits(defaults, Limits(), caps)  # the defaults must respect the caps
+    settings = service.Settings(policy, defaults, caps, config.job_account)
+    # Every account the configuration names must exist (fail now, not at the first Start).
+    for account in {config.job_account, *(policy.run_as.values() if policy else ())}:
+        if account:
+            settings.accounts.credentials(account)
     metrics = Metrics()
     loop = asyncio.get_running_loop()
     async with contextlib.AsyncExitStack() as undo:
@@ -150,9 +159,7 @@ async def serve(config: Config) -> Daemon:
             metrics.observe_jobs(lambda: endpoint.on_loop(list_states))
             endpoint.start(config.debug_address)
             undo.callback(endpoint.close)
-        servicer = service.JobWorkerService(
-            manager, service.Settings(policy, defaults, caps), metrics
-        )
+        servicer = service.JobWorkerService(manager, settings, metrics)
         server = await service.start_server(servicer, material, config.listen)
         undo.pop_all()
     daemon = Daemon(manager, server, debug, metrics, config.stop_grace)
@@ -247,7 +254,15 @@ def _env(name: str) -> str:
     "policy_file",
     type=click.Path(dir_okay=False, path_type=Path),
     envvar=_env("POLICY"),
-    help='TOML file mapping identities to roles ([roles] name = "admin"), overriding certificates.',
+    help='TOML file: [roles] name = "admin" overrides certificate roles; [run_as] name or '
+    'role = "user[:group]" picks the Unix account jobs run as.',
+)
+@click.option(
+    "--job-user",
+    default=DEFAULT_JOB_ACCOUNT,
+    envvar=_env("JOB_USER"),
+    help="Unix account (user[:group]) jobs run as when the policy names none. Jobs run as root "
+    "only if this or the policy says root.",
 )
 @click.option(
     "--default-cpu", envvar=_env("DEFAULT_CPU"), help="CPU cores for jobs that ask for none."
@@ -305,6 +320,7 @@ def main(
     cgroup_name: str,
     stop_grace: float,
     policy_file: Path | None,
+    job_user: str,
     default_cpu: str | None,
     default_cpu_weight: str | None,
     default_memory: str | None,
@@ -343,6 +359,7 @@ def main(
             ),
             max_limits=_limits(max_cpu, max_cpu_weight, max_memory, max_io, max_pids),
             policy_file=policy_file,
+            job_account=job_user,
             debug_address=debug_addr,
         )
         asyncio.run(run(config))

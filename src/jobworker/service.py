@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
+from jobworker.accounts import Accounts
 from jobworker.api import convert
 from jobworker.api.errors import code_for
 from jobworker.api.v1 import jobworker_pb2 as pb
@@ -32,6 +33,7 @@ from jobworker.debug import Metrics
 from jobworker.errors import HostError, InvalidArgument, JobworkerError
 from jobworker.limits import Limits, effective_limits
 from jobworker.manager import JobManager
+from jobworker.spawner import Credentials
 from jobworker.spec import JobSpec, JobStatus
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,13 @@ class Settings:
     """Applied to every field a Start request leaves unset."""
     max_limits: Limits = field(default_factory=Limits)
     """Caps: a request above one is refused; an unset field gets the cap."""
+    job_account: str | None = None
+    """Unix account jobs run as unless the policy names one; ``None``: the daemon's own."""
+    accounts: Accounts = field(default_factory=Accounts)
+
+    def credentials_for(self, identity: Identity) -> Credentials | None:
+        account = (self.policy.account_for(identity) if self.policy else None) or (self.job_account)
+        return self.accounts.credentials(account) if account else None
 
 
 def _check_id(job_id: str) -> str:
@@ -134,7 +143,7 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
                 owner=identity.name,
                 limits=limits,
             )
-            status = await self._mgr.start(spec)
+            status = await self._mgr.start(spec, self._settings.credentials_for(identity))
             log.info("job %s started by %s: %s", status.id, identity.name, list(spec.argv))
             return pb.StartResponse(id=status.id, status=convert.status_to_pb(status))
         raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns

@@ -40,7 +40,9 @@ def make_config(state_dir: Path, pki: Path, cgroup_name: str, **kwargs: object) 
         state_dir=state_dir,
         cgroup_name=cgroup_name,
         stop_grace=1.0,
-        **kwargs,  # type: ignore[arg-type]
+        # Tests' jobs read and write files under pytest's 0700 tmp dirs: run them as root,
+        # granted explicitly. Least privilege has tests of its own.
+        **{"job_account": "root", **kwargs},  # type: ignore[arg-type]
     )
 
 

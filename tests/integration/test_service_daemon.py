@@ -46,7 +46,7 @@ async def workerd(tmp_path: Path, pki_dir: Path, cgroup_name: str) -> AsyncItera
             sys.executable, "-m", "jobworker.daemon",
             "--pki", str(pki_dir), "--listen", "127.0.0.1:0",
             "--state-dir", str(tmp_path / "state"), "--cgroup-name", cgroup_name,
-            "--stop-grace", "1",
+            "--stop-grace", "1", "--job-user", "root",
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
         )  # fmt: skip
     port: list[int] = []
