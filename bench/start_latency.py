@@ -15,17 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import pct
 from jobworker import JobManager, JobSpec
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-async def measure(n: int) -> dict[str, float]:
+async def measure(n: int, cgroup_name: str = "jobworker-bench-lib") -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="jobworker-bench-") as state:
-        async with await JobManager.open(Path(state), cgroup_name="jobworker-bench") as mgr:
+        async with await JobManager.open(Path(state), cgroup_name=cgroup_name) as mgr:
             starts: list[float] = []
             forks: list[float] = []
             for i in range(n + 10):

@@ -1,0 +1,192 @@
+"""``make bench``: every benchmark against one real ``workerd`` subprocess over mutual TLS on
+loopback, each figure beside a baseline measured in the same run.
+
+    sudo .venv/bin/python -m bench              # the full run (a few minutes)
+    BENCH_QUICK=1 .venv/bin/python -m bench     # reduced sizes (under a minute)
+    BENCH_ONLY=latency,start ...                # some sections only
+    BENCH_PLOT_DIR=DIR ...                      # where the PNGs go (full run default: docs/)
+
+Prints progress on stderr, then a table, then ONE line of JSON with every figure.
+"""
+
+from __future__ import annotations
+
+# isort: off
+from jobworker import tls  # noqa: F401 - first: jobworker.tls must precede grpc
+import grpc
+
+# isort: on
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from bench import fanout, latency, memory, plot, scale, start, throughput
+from bench.common import ROOT, Settings, Workerd
+
+SECTIONS = ("latency", "throughput", "fanout", "memory", "start", "scale")
+
+# (key, goal text, goal check, baseline key, label)
+GOALS: tuple[tuple[str, str, Callable[[float], bool] | None, str | None, str], ...] = (
+    ("follow_p50_ms", "<= 1 ms", lambda v: v <= 1.0, "pipe_baseline_p50_ms", "follow latency p50"),
+    ("follow_p99_ms", "<= 5 ms", lambda v: v <= 5.0, "pipe_baseline_p99_ms", "follow latency p99"),
+    ("follow_max_ms", "", None, "pipe_baseline_max_ms", "follow latency max"),
+    ("follow_cli_p50_ms", "", None, "pipe_baseline_p50_ms", "worker logs -f latency p50"),
+    ("follow_cli_p99_ms", "", None, "pipe_baseline_p99_ms", "worker logs -f latency p99"),
+    ("throughput_mib_s", ">= 60% of TLS", None, "tls_baseline_mib_s", "1 follower, MiB/s"),
+    ("throughput_ratio_vs_tls", ">= 0.60", lambda v: v >= 0.6, None, "  ratio to TLS socket"),
+    ("job_write_log_mib_s", "", None, "job_write_file_mib_s", "job writes its log, MiB/s"),
+    ("fanout_1_aggregate_mib_s", "", None, None, "fan-out 1: aggregate MiB/s"),
+    ("fanout_10_aggregate_mib_s", "", None, None, "fan-out 10: aggregate MiB/s"),
+    ("fanout_10_per_follower_mib_s", "", None, None, "fan-out 10: per follower MiB/s"),
+    ("fanout_100_aggregate_mib_s", "", None, None, "fan-out 100: aggregate MiB/s"),
+    ("fanout_100_per_follower_mib_s", "", None, None, "fan-out 100: per follower MiB/s"),
+    ("fanout_1_cpu_s_per_gib", "", None, None, "fan-out 1: daemon CPU s/GiB"),
+    ("fanout_10_cpu_s_per_gib", "", None, None, "fan-out 10: daemon CPU s/GiB"),
+    ("fanout_100_cpu_s_per_gib", "", None, None, "fan-out 100: daemon CPU s/GiB"),
+    (
+        "follower_rss_kib",
+        "<= 16 KiB",
+        lambda v: v <= 16.0,
+        "bare_grpc_stream_rss_kib",
+        "RSS per idle follower",
+    ),
+    ("start_p50_ms", "", None, "fork_exec_p50_ms", "Start RPC p50 ms"),
+    ("start_p99_ms", "", None, "fork_exec_p99_ms", "Start RPC p99 ms"),
+    ("start_server_mean_ms", "<= 3 ms", lambda v: v <= 3.0, None, "Start in daemon, mean ms"),
+    (
+        "start_library_p50_ms",
+        "<= 3 ms",
+        lambda v: v <= 3.0,
+        "start_library_fork_exec_p50_ms",
+        "JobManager.start p50 ms",
+    ),
+    (
+        "cli_start_wall_p50_ms",
+        "",
+        None,
+        "python_pass_wall_p50_ms",
+        "worker start -- true, ms",
+    ),
+    ("status_p99_ms_1000_jobs", "<= 10 ms", lambda v: v <= 10.0, None, "Status p99, N running"),
+    ("list_p99_ms_1000_jobs", "<= 10 ms", lambda v: v <= 10.0, None, "List p99, N running"),
+    ("churn_jobs_per_s", ">= 200/s", lambda v: v >= 200.0, None, "churn, jobs/s"),
+)
+
+
+def log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def machine() -> dict[str, Any]:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    fs = subprocess.run(
+        ["df", "--output=fstype", tempfile.gettempdir()],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()[-1:]
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "mem_gib": round(mem_kib / (1 << 20), 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "state_fs": fs[0] if fs else "?",
+    }
+
+
+def table(figures: Mapping[str, Any]) -> str:
+    rows = [("figure", "goal", "measured", "baseline", "ratio", "")]
+    for key, goal, check, base, label in GOALS:
+        if key not in figures:
+            continue
+        value = float(figures[key])
+        baseline = float(figures[base]) if base and base in figures else None
+        verdict = "" if check is None else ("met" if check(value) else "MISSED")
+        rows.append(
+            (
+                label,
+                goal,
+                f"{value:.3f}" if value < 100 else f"{value:.0f}",
+                ""
+                if baseline is None
+                else (f"{baseline:.3f}" if baseline < 100 else f"{baseline:.0f}"),
+                "" if not baseline else f"{value / baseline:.2f}",
+                verdict,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+async def main() -> int:
+    if os.geteuid() != 0:
+        print("bench: needs root (workerd creates a cgroup per job)", file=sys.stderr)
+        return 2
+    settings = Settings.from_env()
+    only = {s for s in os.environ.get("BENCH_ONLY", "").split(",") if s}
+    unknown = only - set(SECTIONS)
+    if unknown:
+        print(f"bench: unknown BENCH_ONLY sections {sorted(unknown)}; pick from {SECTIONS}")
+        return 2
+    wanted = [s for s in SECTIONS if not only or s in only]
+    figures: dict[str, Any] = {"quick": settings.quick, **machine()}
+    latency_samples: dict[str, list[float]] = {}
+    fanout_rows: list[dict[str, float]] = []
+    began = time.monotonic()
+    log(f"bench: {'quick' if settings.quick else 'full'} run of {', '.join(wanted)}")
+    with tempfile.TemporaryDirectory(prefix="jobworker-bench-") as tmp:
+        daemon = Workerd(Path(tmp))
+        log(f"workerd pid {daemon.pid} on {daemon.addr}, cgroup {daemon.cgroup_parent}")
+        try:
+            for section in wanted:
+                t0 = time.monotonic()
+                if section == "latency":
+                    found, latency_samples = await latency.run(settings, daemon, log)
+                    figures.update(found)
+                elif section == "throughput":
+                    figures.update(await throughput.run(settings, daemon, log))
+                elif section == "fanout":
+                    found, fanout_rows = await fanout.run(settings, daemon, log)
+                    figures.update(found)
+                elif section == "memory":
+                    figures.update(await memory.run(settings, daemon, log))
+                elif section == "start":
+                    figures.update(await start.run(settings, daemon, log))
+                elif section == "scale":
+                    figures.update(await scale.run(settings, daemon, log))
+                figures[f"seconds_{section}"] = round(time.monotonic() - t0, 1)
+            sample = daemon.sample()
+            figures["daemon_cpu_s_total"] = sample.cpu_s
+            figures["daemon_rss_kib_end"] = float(sample.rss_kib)
+        finally:
+            daemon.stop()
+        log(f"workerd stopped (SIGTERM); {daemon.cgroup_parent} is gone")
+    plot_dir = os.environ.get("BENCH_PLOT_DIR") or ("" if settings.quick else str(ROOT / "docs"))
+    if plot_dir:
+        for path in plot.draw(Path(plot_dir), latency_samples, fanout_rows, figures):
+            log(f"wrote {path}")
+    figures["elapsed_s"] = round(time.monotonic() - began, 1)
+    print(table(figures))
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

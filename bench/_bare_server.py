@@ -1,0 +1,72 @@
+"""The baseline server: grpc.aio with the daemon's mutual TLS 1.3 and server options, and no
+jobworker code — what a bare stream costs in grpc itself.
+
+    python -m bench._bare_server PKI_DIR
+
+Prints its port. Methods (raw bytes, no protobuf):
+
+``/bench.Bare/Idle``
+    sends ``ready`` then waits until the client cancels (an idle follower).
+``/bench.Bare/Stream``
+    request: a decimal byte count N; sends N bytes of zeros in 64 KiB messages.
+"""
+
+from __future__ import annotations
+
+# isort: off
+from jobworker import tls
+import grpc
+from grpc import aio
+
+# isort: on
+import asyncio
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from jobworker.output import READ_CHUNK
+from jobworker.service import SERVER_OPTIONS
+
+
+async def idle(request: bytes, context: aio.ServicerContext[bytes, bytes]) -> AsyncIterator[bytes]:
+    yield b"ready\n"
+    await asyncio.Event().wait()
+
+
+async def stream(
+    request: bytes, context: aio.ServicerContext[bytes, bytes]
+) -> AsyncIterator[bytes]:
+    left = int(request)
+    chunk = bytes(READ_CHUNK)
+    while left > 0:
+        n = min(left, READ_CHUNK)
+        yield chunk[:n]
+        left -= n
+
+
+async def main(pki: Path) -> None:
+    material = tls.load_server(tls.Paths.from_pki(pki, "server"))
+    server = aio.server(options=SERVER_OPTIONS)
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Bare",
+        {
+            "Idle": grpc.unary_stream_rpc_method_handler(idle),
+            "Stream": grpc.unary_stream_rpc_method_handler(stream),
+        },
+    )
+    server.add_generic_rpc_handlers((handler,))
+    credentials = grpc.ssl_server_credentials(
+        [(material.key, material.cert)], root_certificates=material.ca, require_client_auth=True
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    await server.start()
+    print(port, flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(1)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(Path(sys.argv[1])))

@@ -1,0 +1,84 @@
+"""Start latency: the Start RPC round trip (the job has exec'd in its cgroup when it returns)
+beside a bare ``subprocess.Popen`` of the same binary in the same loop; the library-level
+``JobManager.start`` (:mod:`bench.start_latency`, the server-side figure); the daemon's own
+Start handling time from its /metrics; and ``worker start -- true`` as a user sees it beside
+``python -c pass``."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from bench import start_latency
+from bench.common import Settings, Workerd, median, pct
+
+WARMUP = 10
+TRUE = "/bin/true"
+
+
+def _start_metric(daemon: Workerd) -> tuple[float, float]:
+    m = daemon.metric("jobworker_rpc_duration_seconds")
+    return m.get('_sum{method="Start"}', 0.0), m.get('_count{method="Start"}', 0.0)
+
+
+def _wall(argv: list[str]) -> float:
+    t0 = time.perf_counter()
+    out = subprocess.run(argv, capture_output=True, check=True, timeout=60)
+    elapsed = time.perf_counter() - t0
+    if argv[0].endswith("worker") and not out.stdout.strip():
+        raise SystemExit("bench: worker start printed no job id")
+    return elapsed * 1e3
+
+
+async def run(settings: Settings, daemon: Workerd, log: Callable[[str], None]) -> dict[str, float]:
+    n = settings.start_n
+    rpc: list[float] = []
+    fork: list[float] = []
+    async with daemon.client() as client:
+        sum0 = count0 = 0.0
+        for i in range(n + WARMUP):
+            if i == WARMUP:
+                sum0, count0 = _start_metric(daemon)
+            t0 = time.perf_counter()
+            status = await client.start([TRUE])
+            t1 = time.perf_counter()
+            await client.wait(status.id)
+            t2 = time.perf_counter()
+            proc = subprocess.Popen([TRUE])
+            t3 = time.perf_counter()
+            proc.wait()
+            if i >= WARMUP:
+                rpc.append((t1 - t0) * 1e3)
+                fork.append((t3 - t2) * 1e3)
+        sum1, count1 = _start_metric(daemon)
+    library = await start_latency.measure(n)
+    cli: list[float] = []
+    python: list[float] = []
+    for _ in range(settings.cli_reps):
+        cli.append(await asyncio.to_thread(_wall, daemon.cli("start", "--", "true")))
+        python.append(await asyncio.to_thread(_wall, [sys.executable, "-c", "pass"]))
+    out = {
+        "start_p50_ms": median(rpc),
+        "start_p99_ms": pct(rpc, 0.99),
+        "fork_exec_p50_ms": median(fork),
+        "fork_exec_p99_ms": pct(fork, 0.99),
+        "start_ratio_vs_fork_exec": median(rpc) / median(fork),
+        "start_server_mean_ms": (sum1 - sum0) / (count1 - count0) * 1e3,
+        "start_library_p50_ms": library["start_p50_ms"],
+        "start_library_p99_ms": library["start_p99_ms"],
+        "start_library_fork_exec_p50_ms": library["fork_exec_p50_ms"],
+        "cli_start_wall_p50_ms": median(cli),
+        "python_pass_wall_p50_ms": median(python),
+        "cli_start_ratio_vs_python": median(cli) / median(python),
+    }
+    log(
+        f"start: RPC p50 {out['start_p50_ms']:.2f} ms (daemon-side mean "
+        f"{out['start_server_mean_ms']:.2f}, library p50 {out['start_library_p50_ms']:.2f}), "
+        f"fork/exec p50 {out['fork_exec_p50_ms']:.2f} ms; `worker start -- true` "
+        f"{out['cli_start_wall_p50_ms']:.0f} ms vs `python -c pass` "
+        f"{out['python_pass_wall_p50_ms']:.0f} ms"
+    )
+    return out
