@@ -51,7 +51,12 @@ example: venv
 concurrent: venv
 	$(PY) examples/concurrent.py 100 sh -c 'for i in $$(seq 1 200); do echo "tick $$i"; done'
 
-bench: venv
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) -m bench
 
 proto: venv
