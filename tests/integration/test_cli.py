@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import json
 import os
 import random
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
@@ -53,6 +54,15 @@ CLEAN_ENV: dict[str, str | None] = {
         "_WORKER_COMPLETE",
     )
 }
+
+
+@pytest.fixture(autouse=True)
+def collect_grpc_garbage() -> Iterator[None]:
+    """Free this test's grpc objects now (a failed call leaves reference cycles). Left to a
+    later collection, the last of them going away stops grpc's poller thread in the middle of
+    some other test, whose thread count then changes under it."""
+    yield
+    gc.collect()
 
 
 def worker_env(port: int, pki: Path, user: str | None = "alice") -> dict[str, str | None]:
