@@ -46,6 +46,10 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024
 MAX_ARGV_ENV_BYTES`), so anything bigger is refused by grpc before it is even parsed."""
 MAX_JOB_ID_BYTES = 128
 MAX_STOP_GRACE = 3600.0
+MAX_DETAILS_BYTES = 1024
+"""Longest error message sent back. grpc carries it in a header, percent-encoded, and a client
+refuses headers over 16 KiB (RESOURCE_EXHAUSTED instead of the real code): an error that quotes
+a 128 KiB argument must be cut."""
 
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
@@ -84,6 +88,13 @@ def _check_id(job_id: str) -> str:
     return job_id
 
 
+def _details(message: str) -> str:
+    raw = message.encode(errors="backslashreplace")
+    if len(raw) <= MAX_DETAILS_BYTES:
+        return message
+    return raw[:MAX_DETAILS_BYTES].decode(errors="ignore") + f"... ({len(raw)} bytes, cut)"
+
+
 class JobWorkerService(pb_grpc.JobWorkerServicer):
     """One handler per RPC; see the proto for what each does."""
 
@@ -112,7 +123,7 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
             code = grpc.StatusCode[code_for(e)]
             if isinstance(e, HostError):
                 log.error("%s: %s", method, e, exc_info=e)
-            await context.abort(code, str(e))
+            await context.abort(code, _details(str(e)))
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
