@@ -18,7 +18,8 @@ MINIMAL_ENV: Mapping[str, str] = {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8", "HOME
 Never the daemon's own environment."""
 
 MAX_ARG_BYTES = 128 * 1024
-"""Linux's MAX_ARG_STRLEN: execve refuses a longer single argument or variable."""
+"""Linux's MAX_ARG_STRLEN: execve refuses (E2BIG) an argument or a ``NAME=value`` variable
+that is as long or longer, since the limit counts its terminating NUL."""
 MAX_ARGV_ENV_BYTES = 1024 * 1024
 """Our cap on argv + env together (the kernel allows about a quarter of the stack rlimit)."""
 MAX_OWNER_BYTES = 256
@@ -66,7 +67,7 @@ class JobSpec:
             raise InvalidArgument("argv[0] (the command) must not be empty")
         total = 0
         for i, arg in enumerate(self.argv):
-            _check_text(f"argv[{i}]", arg)
+            _check_text(f"argv[{i}]", arg, MAX_ARG_BYTES - 1)
             total += len(os.fsencode(arg)) + 1
         for key, value in self.env.items():
             _check_text("environment variable name", key)
@@ -74,8 +75,15 @@ class JobSpec:
                 raise InvalidArgument(
                     f"environment variable name {key!r} must be non-empty and contain no '='"
                 )
+            entry = len(os.fsencode(key)) + len(os.fsencode(value)) + 1
+            if entry >= MAX_ARG_BYTES:
+                name = key if len(key) <= 64 else key[:64] + "..."
+                raise InvalidArgument(
+                    f"environment variable {name}: NAME=value is {entry} bytes; "
+                    f"at most {MAX_ARG_BYTES - 1} are accepted"
+                )
             _check_text(f"environment variable {key}", value)
-            total += len(os.fsencode(key)) + len(os.fsencode(value)) + 2
+            total += entry + 1
         if total > MAX_ARGV_ENV_BYTES:
             raise InvalidArgument(
                 f"argv and env together are {total} bytes; "
