@@ -5,6 +5,7 @@ loopback, each figure beside a baseline measured in the same run.
     BENCH_QUICK=1 .venv/bin/python -m bench     # reduced sizes (under a minute)
     BENCH_ONLY=latency,start ...                # some sections only
     BENCH_PLOT_DIR=DIR ...                      # where the PNGs go (full run default: docs/)
+    BENCH_PROFILE=DIR ...                       # py-spy the daemon in each section (see profile)
 
 Prints progress on stderr, then a table, then ONE line of JSON with every figure.
 """
@@ -28,7 +29,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bench import fanout, latency, memory, plot, scale, start, throughput
+from bench import fanout, latency, memory, plot, profile, scale, start, throughput
 from bench.common import ROOT, Settings, Workerd
 
 SECTIONS = ("latency", "throughput", "fanout", "memory", "start", "scale")
@@ -42,6 +43,8 @@ GOALS: tuple[tuple[str, str, Callable[[float], bool] | None, str | None, str], .
     ("follow_cli_p99_ms", "", None, "pipe_baseline_p99_ms", "worker logs -f latency p99"),
     ("throughput_mib_s", ">= 60% of TLS", None, "tls_baseline_mib_s", "1 follower, MiB/s"),
     ("throughput_ratio_vs_tls", ">= 0.60", lambda v: v >= 0.6, None, "  ratio to TLS socket"),
+    ("throughput_mib_s", "", None, "grpc_bare_64k_mib_s", "  vs bare grpc, 64 KiB msgs"),
+    ("grpc_bare_1m_mib_s", "", None, "grpc_bare_64k_mib_s", "bare grpc 1 MiB vs 64 KiB"),
     ("job_write_log_mib_s", "", None, "job_write_file_mib_s", "job writes its log, MiB/s"),
     ("fanout_1_aggregate_mib_s", "", None, None, "fan-out 1: aggregate MiB/s"),
     ("fanout_10_aggregate_mib_s", "", None, None, "fan-out 10: aggregate MiB/s"),
@@ -155,8 +158,13 @@ async def main() -> int:
         daemon = Workerd(Path(tmp))
         log(f"workerd pid {daemon.pid} on {daemon.addr}, cgroup {daemon.cgroup_parent}")
         try:
+            profile_dir = os.environ.get("BENCH_PROFILE")
             for section in wanted:
                 t0 = time.monotonic()
+                sampler = None
+                if profile_dir:
+                    Path(profile_dir).mkdir(parents=True, exist_ok=True)
+                    sampler = profile.Sampler(daemon.pid, Path(profile_dir) / f"{section}.folded")
                 if section == "latency":
                     found, latency_samples = await latency.run(settings, daemon, log)
                     figures.update(found)
@@ -172,6 +180,8 @@ async def main() -> int:
                 elif section == "scale":
                     figures.update(await scale.run(settings, daemon, log))
                 figures[f"seconds_{section}"] = round(time.monotonic() - t0, 1)
+                if sampler is not None:
+                    log(f"profile of workerd during {section}:\n{sampler.stop()}")
             sample = daemon.sample()
             figures["daemon_cpu_s_total"] = sample.cpu_s
             figures["daemon_rss_kib_end"] = float(sample.rss_kib)

@@ -8,7 +8,8 @@ Prints its port. Methods (raw bytes, no protobuf):
 ``/bench.Bare/Idle``
     sends ``ready`` then waits until the client cancels (an idle follower).
 ``/bench.Bare/Stream``
-    request: a decimal byte count N; sends N bytes of zeros in 64 KiB messages.
+    request: ``N`` or ``N:CHUNK`` (decimal); sends N bytes of zeros in messages of CHUNK bytes
+    (default: the daemon's read size, 64 KiB).
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ async def idle(request: bytes, context: aio.ServicerContext[bytes, bytes]) -> As
 async def stream(
     request: bytes, context: aio.ServicerContext[bytes, bytes]
 ) -> AsyncIterator[bytes]:
-    left = int(request)
-    chunk = bytes(READ_CHUNK)
+    total, _, size = request.decode().partition(":")
+    left, step = int(total), int(size or READ_CHUNK)
+    chunk = bytes(step)
     while left > 0:
-        n = min(left, READ_CHUNK)
+        n = min(left, step)
         yield chunk[:n]
         left -= n
 

@@ -41,7 +41,7 @@ READY_TIMEOUT = 120.0
 STREAM_TIMEOUT = 900.0
 
 
-class _Bare:
+class BareChannel:
     """A raw channel to the bare server."""
 
     def __init__(self, addr: str, pki: Path, user: str) -> None:
@@ -96,7 +96,7 @@ async def main(args: dict[str, Any]) -> None:
     addr, pki, user, job = args["addr"], Path(args["pki"]), args["user"], args["job"]
     bare = bool(args.get("bare"))
     clients: list[Any] = [
-        _Bare(addr, pki, user) if bare else Client.from_pki(addr, pki, user) for _ in range(c)
+        BareChannel(addr, pki, user) if bare else Client.from_pki(addr, pki, user) for _ in range(c)
     ]
     attached = asyncio.Event()
     counter = [0]

@@ -164,6 +164,20 @@ def free_port() -> int:
 # -- the daemon ---------------------------------------------------------------------------------
 
 
+def _workerd_command() -> list[str]:
+    """``workerd``; with ``BENCH_READ_CHUNK=N`` (an experiment: what a larger read per Logs
+    message would give) the same entry point with the readers' chunk size patched to N."""
+    chunk = os.environ.get("BENCH_READ_CHUNK")
+    if not chunk:
+        return [str(BIN / "workerd")]
+    prelude = (
+        "import jobworker.output as o; "
+        f"o.read_output.__defaults__ = ({int(chunk)},); "
+        "from jobworker.daemon import main; main()"
+    )
+    return [sys.executable, "-c", prelude]
+
+
 class Workerd:
     """``workerd`` as a subprocess on 127.0.0.1 (port chosen by the daemon), with the debug
     endpoint on. Stop it with :meth:`stop` (SIGTERM), which checks its cgroup parent is gone."""
@@ -190,7 +204,7 @@ class Workerd:
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [
-                str(BIN / "workerd"),
+                *_workerd_command(),
                 "--pki",
                 str(self.pki),
                 "--listen",

@@ -100,10 +100,12 @@ async def run(settings: Settings, daemon: Workerd, log: Callable[[str], None]) -
             status = await client.start(["/bin/true"])
             await client.wait(status.id)
 
+        cpu0 = daemon.sample().cpu_s
         t0 = time.monotonic()
         await _bounded(m, c, churn)
         out["churn_jobs"] = float(m)
         out["churn_jobs_per_s"] = m / (time.monotonic() - t0)
+        out["churn_daemon_cpu_ms_per_job"] = (daemon.sample().cpu_s - cpu0) / m * 1e3
     await _settle(daemon)
     after = _snapshot(daemon)
     for key in before:

@@ -1,24 +1,31 @@
-"""Throughput of one follower, the TLS 1.3 socket baseline, and how fast a job can write its
-log (beside the same writer writing a file directly)."""
+"""Throughput of one follower beside two baselines — a Python TLS 1.3 socket pair, and a bare
+grpc.aio stream with the same TLS (:mod:`bench._bare_server`: grpc's own ceiling, in messages of
+the daemon's read size and of 1 MiB) — and how fast a job can write its log (beside the same
+writer writing a file directly)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from bench import _writer
-from bench.common import Settings, Workerd, expected_output, go_file, median
+from bench._followers import BareChannel
+from bench.common import ROOT, USER, Settings, Workerd, expected_output, go_file, median
 from jobworker.client import Client
+from jobworker.output import READ_CHUNK
 
 MIB = 1 << 20
+BIG_CHUNK = MIB
 SOCK_BUF = 8 * MIB
 TIMEOUT = 600.0
 
@@ -107,6 +114,45 @@ def tls_baseline(pki: Path, total: int) -> tuple[float, str]:
     return (total / MIB) / elapsed, cipher
 
 
+@contextlib.asynccontextmanager
+async def bare_server(pki: Path) -> AsyncIterator[BareChannel]:
+    """:mod:`bench._bare_server` in a process of its own, and a channel to it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench._bare_server", str(pki)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(await asyncio.to_thread(proc.stdout.readline))
+        bare = BareChannel(f"127.0.0.1:{port}", pki, USER)
+        try:
+            yield bare
+        finally:
+            await bare.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def bare_stream(bare: BareChannel, total: int, chunk: int) -> float:
+    """MiB/s of ``total`` bytes in ``chunk``-byte messages from the bare grpc.aio server."""
+    received = 0
+    t0 = time.monotonic()
+    async with asyncio.timeout(TIMEOUT):
+        async for data in bare.stream(f"{total}:{chunk}"):
+            received += len(data)
+    elapsed = time.monotonic() - t0
+    if received != total:
+        raise SystemExit(f"bench: bare grpc stream got {received} of {total} bytes")
+    return (total / MIB) / elapsed
+
+
 def _report(path: Path) -> float:
     ns = int(path.read_text())
     path.unlink()
@@ -150,17 +196,23 @@ async def run(
     tls: list[float] = []
     to_log: list[float] = []
     to_file: list[float] = []
+    bare_small: list[float] = []
+    bare_big: list[float] = []
     cipher = ""
-    async with daemon.client() as client:
+    async with daemon.client() as client, bare_server(daemon.pki) as bare:
         for rep in range(settings.heavy_reps):
             follow.append(await follow_once(client, daemon, total))
             rate, cipher = await asyncio.to_thread(tls_baseline, daemon.pki, total)
             tls.append(rate)
+            bare_small.append(await bare_stream(bare, total, READ_CHUNK))
+            bare_big.append(await bare_stream(bare, total, BIG_CHUNK))
             to_log.append(await write_to_log(client, daemon, total))
             to_file.append(await asyncio.to_thread(write_to_file, daemon, total))
             log(
                 f"throughput rep {rep + 1}: follower {follow[-1]:.0f} MiB/s, TLS {tls[-1]:.0f} "
-                f"MiB/s; job writes log {to_log[-1]:.0f} MiB/s, file {to_file[-1]:.0f} MiB/s"
+                f"MiB/s, bare grpc {bare_small[-1]:.0f} MiB/s (64 KiB messages) "
+                f"{bare_big[-1]:.0f} MiB/s (1 MiB); job writes log {to_log[-1]:.0f} MiB/s, "
+                f"file {to_file[-1]:.0f} MiB/s"
             )
     out: dict[str, float | str] = {
         "throughput_bytes": float(total),
@@ -168,6 +220,11 @@ async def run(
         "tls_baseline_mib_s": median(tls),
         "tls_baseline_cipher": cipher,
         "throughput_ratio_vs_tls": median([f / t for f, t in zip(follow, tls, strict=True)]),
+        "grpc_bare_64k_mib_s": median(bare_small),
+        "grpc_bare_1m_mib_s": median(bare_big),
+        "throughput_ratio_vs_bare_grpc": median(
+            [f / b for f, b in zip(follow, bare_small, strict=True)]
+        ),
         "job_write_log_mib_s": median(to_log),
         "job_write_file_mib_s": median(to_file),
         "job_write_ratio_vs_file": median([a / b for a, b in zip(to_log, to_file, strict=True)]),
