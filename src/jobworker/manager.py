@@ -24,7 +24,7 @@ from jobworker.cgroup import controllers
 from jobworker.cgroup.discovery import own_cgroup_dir
 from jobworker.cgroup.tree import CgroupTree, open_procs
 from jobworker.cgroup.watch import EventsWatcher
-from jobworker.errors import HostError, JobNotFound, ShuttingDown, SpawnError
+from jobworker.errors import HostError, JobNotFound, LimitUnavailable, ShuttingDown, SpawnError
 from jobworker.output import OutputPump, read_output
 from jobworker.spawner import Credentials, Spawner, describe_wait_status
 from jobworker.spec import JobSpec, JobState, JobStatus, Usage
@@ -382,7 +382,9 @@ class JobManager:
         grace = self._stop_grace if grace is None else grace
         group = job.group
         if group is not None:
-            with contextlib.suppress(HostError):
+            # The job may end meanwhile and its group be removed under the freeze: cgroupfs
+            # then reports a file gone (LimitUnavailable) or unreadable (HostError).
+            with contextlib.suppress(HostError, LimitUnavailable):
                 await self._terminate(group)
         try:
             await asyncio.wait_for(job.ended.wait(), grace)
