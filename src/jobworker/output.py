@@ -141,7 +141,9 @@ async def read_output(
     """Bytes of a job's log from ``offset``: what exists now, or (``follow``) until the end.
 
     ``pump`` is ``None`` for a job whose output is complete. A follower of a running job ends
-    right after the last byte once the job has ended.
+    right after the last byte once the job has ended. An offset past the end of an ended job's
+    output is :class:`InvalidArgument`, also when a follower waited there for bytes that never
+    came.
     """
     if offset < 0:
         raise InvalidArgument(f"offset must be >= 0, got {offset}")
@@ -166,6 +168,11 @@ async def read_output(
                 offset += len(data)
                 yield data
                 continue
+            if done and offset > end:
+                # Followed from past the end, and the job ended short of it.
+                raise InvalidArgument(
+                    f"offset {offset} is past the end of the output ({end} bytes)"
+                )
             if done or not follow:
                 return
             assert pump is not None
