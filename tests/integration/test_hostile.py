@@ -13,6 +13,7 @@ from tests.integration import daemon_harness as harness
 import grpc
 
 # isort: on
+import asyncio
 import math
 import os
 import resource
@@ -500,3 +501,28 @@ async def test_bytes_that_are_not_a_request(rig: Rig, case: tuple[str, bytes]) -
     else:
         # It parsed: whatever it asks, the answer is one of the codes a caller can act on.
         assert code in {OK, INVALID, NOT_FOUND}, (code, details)
+
+
+async def test_following_from_past_the_end_of_a_running_job(rig: Rig, tmp_path: Path) -> None:
+    """An offset past what a running job has written is a wait for bytes to come: answered
+    with them if the job writes that far, and INVALID_ARGUMENT — as for an ended job — once
+    the job has ended short of it (never a clean, empty end that looks like "no output")."""
+    gate = tmp_path / "gate"
+    script = f'printf 0123456789; while [ ! -e "{gate}" ]; do sleep 0.01; done; printf abcdef'
+    code, _, _ = await rig.call("Start", pb.StartRequest(argv=["sh", "-c", script]))
+    assert code is OK
+    job = rig.daemon.manager.list()[-1].id
+    await wait_for(lambda: rig.daemon.manager.status(job).output_bytes == 10, what="10 bytes")
+    reached = asyncio.create_task(rig.call("Logs", pb.LogsRequest(id=job, offset=13, follow=True)))
+    beyond = asyncio.create_task(rig.call("Logs", pb.LogsRequest(id=job, offset=17, follow=True)))
+    now = await rig.call("Logs", pb.LogsRequest(id=job, offset=17, follow=False))
+    assert now == (OK, "", [])  # not following: nothing yet, and no error while it runs
+    gate.touch()
+    code, details, chunks = await reached
+    assert (code, [(c.offset, c.data) for c in chunks]) == (OK, [(13, b"def")]), details
+    code, details, chunks = await beyond
+    assert (code, details, chunks) == (
+        INVALID,
+        "offset 17 is past the end of the output (16 bytes)",
+        [],
+    )
