@@ -143,20 +143,25 @@ class JobManager:
         """
         if max_log_bytes is not None and max_log_bytes <= 0:
             raise ValueError("max_log_bytes must be positive")
-        store = Store(state_dir)
-        store.setup()
-        tree = CgroupTree(cgroup_root or own_cgroup_dir(), cgroup_name)
-        tree.setup()
-        _raise_nofile_limit()
-        spawner = await Spawner.start()
-        try:
+        async with contextlib.AsyncExitStack() as undo:
+            store = Store(state_dir)
+            store.setup()
+            undo.callback(store.close)
+            tree = CgroupTree(cgroup_root or own_cgroup_dir(), cgroup_name)
+            tree.setup()
+            undo.callback(tree.teardown)
+            _raise_nofile_limit()
+            spawner = await Spawner.start()
+            undo.push_async_callback(spawner.close)
             available = controllers.enable(tree.delegated, tree.parent)
+            watcher = EventsWatcher()
+            undo.callback(watcher.close)
             self = cls(
                 _token=_OPEN,
                 store=store,
                 tree=tree,
                 spawner=spawner,
-                watcher=EventsWatcher(),
+                watcher=watcher,
                 available=available,
                 stop_grace=stop_grace,
                 credentials=credentials or Credentials(),
@@ -164,9 +169,7 @@ class JobManager:
             )
             await self._recover()
             self._fast_spawn = await _give_spawner_its_home(spawner)
-        except BaseException:
-            await spawner.close()
-            raise
+            undo.pop_all()
         return self
 
     @property
@@ -465,6 +468,7 @@ class JobManager:
         self._watcher.close()
         await self._spawner.close()
         self._tree.teardown()
+        self._store.close()
 
     async def __aenter__(self) -> JobManager:
         return self

@@ -10,6 +10,7 @@ specs.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 from collections.abc import Iterator
@@ -32,14 +33,30 @@ class Store:
     def __init__(self, state_dir: Path) -> None:
         self.root = state_dir
         self.jobs = state_dir / "jobs"
+        self._lock_fd = -1
 
     def setup(self) -> None:
+        """Create the state directory and lock it (flock) against a second manager."""
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.root, 0o700)
             self.jobs.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             raise HostError(f"cannot create the state directory {self.root}: {e.strerror}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise HostError(
+                f"state directory {self.root} is in use by another jobworker manager"
+            ) from None
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def log_path(self, job_id: str) -> Path:
         return self.jobs / (job_id + LOG)

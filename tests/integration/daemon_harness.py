@@ -21,6 +21,7 @@ from jobworker.daemon import Config, Daemon, serve
 from jobworker.pki import init_pki
 from jobworker.tls import Paths
 from tests.conftest import cgroup2_usable
+from tests.conftest import new_threads as new_threads  # noqa: PLC0414 - re-exported for tests
 
 USERS = [("root", "admin"), ("alice", "user"), ("bob", "user"), ("vera", "viewer")]
 """Two users so one can own jobs the other must not see."""
@@ -68,16 +69,6 @@ async def daemon(tmp_path: Path, pki_dir: Path, cgroup_name: str) -> AsyncIterat
     assert not parent.exists(), f"cgroup {parent} left behind"
     assert other_tasks() <= tasks_before
     assert not new_threads(threads_before)
-
-
-def new_threads(before: set[threading.Thread]) -> list[str]:
-    """Threads started since ``before``, except the two that live as long as their owner:
-    grpc's aio poller (one per process) and the event loop's default executor."""
-    return [
-        t.name
-        for t in set(threading.enumerate()) - before
-        if "_poll_wrapper" not in t.name and not t.name.startswith("asyncio_")
-    ]
 
 
 Connect = Callable[[str], Client]

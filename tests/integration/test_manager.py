@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from jobworker import JobManager, JobSpec, JobState, SpawnError
-from jobworker.errors import InvalidArgument, JobNotFound, ShuttingDown
+from jobworker.errors import HostError, InvalidArgument, JobNotFound, ShuttingDown
 from tests.conftest import open_fds, wait_for
 
 
@@ -366,3 +366,18 @@ async def test_recovery_after_a_crash(tmp_path: Path, cgroup_name: str) -> None:
     finally:
         await mgr.close()
     assert not mgr.cgroup_parent.exists()
+
+
+async def test_a_second_manager_cannot_share_the_group_or_state(
+    manager: JobManager, tmp_path: Path, cgroup_name: str
+) -> None:
+    """It would kill the first one's jobs as leftovers and remove the group from under it."""
+    st = await manager.start(JobSpec(argv=("sleep", "1000")))
+    with pytest.raises(HostError, match="in use by another jobworker manager"):
+        await JobManager.open(tmp_path / "other-state", cgroup_name=cgroup_name)
+    with pytest.raises(HostError, match="in use by another jobworker manager"):
+        await JobManager.open(tmp_path / "state", cgroup_name=cgroup_name + "-2")
+    assert not (manager.cgroup_parent.parent / (cgroup_name + "-2")).exists()
+    assert manager.status(st.id).state is JobState.RUNNING
+    assert alive(st.pid)
+    await manager.stop(st.id)

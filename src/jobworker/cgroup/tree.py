@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
 from pathlib import Path
 
@@ -26,19 +27,31 @@ class CgroupTree:
             raise ValueError(f"invalid cgroup name {name!r}")
         self.delegated = delegated
         self.parent = delegated / name
-        self._created_parent = False
+        self._lock_fd = -1
 
     def setup(self) -> None:
+        """Create the parent group (or adopt a leftover one) and lock it for this process.
+
+        The lock (flock on the directory) keeps a second manager from sharing the group: it
+        would kill the first one's jobs as leftovers and remove the group from under it.
+        """
         try:
-            self.parent.mkdir()
-            self._created_parent = True
-        except FileExistsError:
-            pass
+            self.parent.mkdir(exist_ok=True)
+            fd = os.open(self.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             raise HostError(f"cannot create cgroup {self.parent}: {e.strerror}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise HostError(
+                f"cgroup {self.parent} is in use by another jobworker manager; "
+                "give each one its own cgroup name"
+            ) from None
+        self._lock_fd = fd
 
     def teardown(self) -> None:
-        """Remove the parent group if it is empty (leftover job groups keep it)."""
+        """Remove the parent group if it is empty (leftover job groups keep it); unlock."""
         try:
             self.parent.rmdir()
         except FileNotFoundError:
@@ -46,6 +59,10 @@ class CgroupTree:
         except OSError as e:
             if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):
                 raise HostError(f"cannot remove cgroup {self.parent}: {e.strerror}") from e
+        finally:
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
 
     def group(self, job_id: str) -> Path:
         return self.parent / job_id
