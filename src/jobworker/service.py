@@ -20,7 +20,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,7 @@ from jobworker.errors import HostError, InvalidArgument, JobworkerError
 from jobworker.limits import Limits, effective_limits
 from jobworker.manager import JobManager
 from jobworker.spawner import Credentials
-from jobworker.spec import JobSpec, JobStatus
+from jobworker.spec import JobSpec, JobState, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024
 """Largest request accepted: argv + env are capped at 1 MiB (:data:`jobworker.spec.
 MAX_ARGV_ENV_BYTES`), so anything bigger is refused by grpc before it is even parsed."""
 MAX_JOB_ID_BYTES = 128
+IDENTITY_CACHE_SIZE = 4096
 MAX_STOP_GRACE = 3600.0
 MAX_DETAILS_BYTES = 1024
 """Longest error message sent back. grpc carries it in a header, percent-encoded, and a client
@@ -104,6 +105,37 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
         self._mgr = manager
         self._settings = settings or Settings()
         self._metrics = metrics or Metrics()
+        self._identities: dict[bytes, Identity] = {}
+        """Verified certificate -> identity: parsing it is a measurable part of a short RPC."""
+        self._listed: dict[str, tuple[JobStatus, pb.JobStatus]] = {}
+        """Last List conversion per job: an ended job's status never changes again, and a
+        running one's only in the fields List refreshes."""
+
+    def _identity(self, context: aio.ServicerContext[object, object]) -> Identity:
+        auth = {k: list(v) for k, v in context.auth_context().items()}
+        certs = auth.get("x509_pem_cert") or []
+        if len(certs) == 1 and auth.get("transport_security_type") == [b"ssl"]:
+            cached = self._identities.get(certs[0])
+            if cached is not None:
+                return cached
+        identity = identity_from_auth_context(auth, self._settings.policy)
+        if len(self._identities) >= IDENTITY_CACHE_SIZE:
+            self._identities.clear()
+        self._identities[certs[0]] = identity
+        return identity
+
+    def _status_pb(self, status: JobStatus) -> pb.JobStatus:
+        cached = self._listed.get(status.id)
+        if cached is not None:
+            old, msg = cached
+            if old is status:
+                return msg
+            if old.state is status.state is JobState.RUNNING:
+                msg.output_bytes = status.output_bytes
+                return msg
+        msg = convert.status_to_pb(status)
+        self._listed[status.id] = (status, msg)
+        return msg
 
     @contextlib.asynccontextmanager
     async def _rpc(
@@ -115,10 +147,7 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
         in_flight = self._metrics.in_flight.labels(method)
         in_flight.inc()
         try:
-            auth: Mapping[str, list[bytes]] = {
-                k: list(v) for k, v in context.auth_context().items()
-            }
-            yield identity_from_auth_context(auth, self._settings.policy)
+            yield self._identity(context)
         except JobworkerError as e:
             code = grpc.StatusCode[code_for(e)]
             if isinstance(e, HostError):
@@ -196,12 +225,11 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
     ) -> pb.ListResponse:
         async with self._rpc("List", context) as identity:
             authorize(identity, Action.LIST)
-            jobs = [
-                convert.status_to_pb(s)
-                for s in self._mgr.list()
-                if visible(identity, s.owner) and (request.all or s.owner == identity.name)
-            ]
-            return pb.ListResponse(jobs=jobs)
+            response = pb.ListResponse()
+            for s in self._mgr.list():
+                if visible(identity, s.owner) and (request.all or s.owner == identity.name):
+                    response.jobs.append(self._status_pb(s))
+            return response
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def Wait(

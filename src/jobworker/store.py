@@ -14,7 +14,7 @@ import fcntl
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -121,6 +121,19 @@ class Store:
             yield spec_from_dict(raw["spec"]), status_from_dict(raw)
 
 
+_LIMIT_FIELDS = tuple(f.name for f in fields(Limits) if f.name != "io")
+_IO_FIELDS = tuple(f.name for f in fields(IOLimit))
+_USAGE_FIELDS = tuple(f.name for f in fields(Usage))
+# Hand-written rather than dataclasses.asdict: asdict deep-copies, and records are written on
+# every start and end (it showed in the churn profile).
+
+
+def _limits_to_dict(limits: Limits) -> dict[str, Any]:
+    d: dict[str, Any] = {n: getattr(limits, n) for n in _LIMIT_FIELDS}
+    d["io"] = [{n: getattr(x, n) for n in _IO_FIELDS} for x in limits.io]
+    return d
+
+
 def _limits_from_dict(raw: dict[str, Any]) -> Limits:
     io = tuple(IOLimit(**x) for x in raw.get("io", ()))
     return Limits(**{**raw, "io": io})
@@ -132,7 +145,7 @@ def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
         "env": dict(spec.env),
         "cwd": spec.cwd,
         "owner": spec.owner,
-        "limits": asdict(spec.limits),
+        "limits": _limits_to_dict(spec.limits),
     }
 
 
@@ -147,11 +160,23 @@ def spec_from_dict(raw: dict[str, Any]) -> JobSpec:
 
 
 def status_to_dict(status: JobStatus) -> dict[str, Any]:
-    d = asdict(status)
-    d["state"] = status.state.value
-    d["started_at"] = status.started_at.isoformat()
-    d["ended_at"] = status.ended_at.isoformat() if status.ended_at else None
-    return d
+    usage = status.usage
+    return {
+        "id": status.id,
+        "state": status.state.value,
+        "argv": list(status.argv),
+        "owner": status.owner,
+        "pid": status.pid,
+        "started_at": status.started_at.isoformat(),
+        "ended_at": status.ended_at.isoformat() if status.ended_at else None,
+        "exit_code": status.exit_code,
+        "signal": status.signal,
+        "reason": status.reason,
+        "oom_killed": status.oom_killed,
+        "limits": _limits_to_dict(status.limits),
+        "usage": {n: getattr(usage, n) for n in _USAGE_FIELDS} if usage else None,
+        "output_bytes": status.output_bytes,
+    }
 
 
 def status_from_dict(raw: dict[str, Any]) -> JobStatus:
