@@ -69,6 +69,13 @@ class _Job:
         if status.state.ended:
             self.ended.set()
 
+    def snapshot(self) -> JobStatus:
+        """The status with the current output size. The same object while nothing changed,
+        so callers can cache what they derive from it (List converts thousands)."""
+        if self.pump is not None and self.pump.size != self.status.output_bytes:
+            self.status = replace(self.status, output_bytes=self.pump.size)
+        return self.status
+
 
 def resolve_command(argv0: str, path_var: str, cwd: str) -> str:
     """The file execve will run, resolved the way execvp would, or a :class:`SpawnError`."""
@@ -195,28 +202,20 @@ class JobManager:
     def status(self, job_id: str) -> JobStatus:
         """A snapshot; a running job's usage is read live from its cgroup."""
         job = self._get(job_id)
-        if job.status.state is JobState.RUNNING and job.group is not None:
-            usage: Usage | None
+        status = job.snapshot()
+        if status.state is JobState.RUNNING and job.group is not None:
             try:
-                usage = controllers.read_usage(job.group)
+                return replace(status, usage=controllers.read_usage(job.group))
             except HostError:
-                usage = None  # the group is being removed right now
-            return replace(
-                job.status,
-                usage=usage,
-                output_bytes=job.pump.size if job.pump else job.status.output_bytes,
-            )
-        return job.status
+                pass  # the group is being removed right now
+        return status
 
     def spec(self, job_id: str) -> JobSpec:
         return self._get(job_id).spec
 
     def list(self) -> list[JobStatus]:
         """Every known job, oldest first (live usage omitted: ask :meth:`status`)."""
-        return [
-            replace(j.status, output_bytes=j.pump.size) if j.pump else j.status
-            for j in self._jobs.values()
-        ]
+        return [j.snapshot() for j in self._jobs.values()]
 
     async def wait(self, job_id: str) -> JobStatus:
         job = self._get(job_id)
@@ -287,7 +286,7 @@ class JobManager:
         self._jobs[job_id] = job
         job.task = asyncio.create_task(self._supervise(job, spawned.exit_status))
         try:
-            self._store.save(spec, status, new=True)
+            await self._store.save_async(spec, status, new=True)
         except HostError:
             log.exception("job %s: record not written at start", job_id)
         return status
@@ -362,7 +361,7 @@ class JobManager:
         )
         pump, job.pump = job.pump, None
         try:
-            self._store.save(job.spec, job.status)
+            await self._store.save_async(job.spec, job.status)
         except HostError:
             log.exception("job %s: final record not written", job.id)
         job.ended.set()
