@@ -32,8 +32,11 @@ test-integration: venv
 test-kernel: venv
 	scripts/kernel-vm.sh -- $(abspath $(PY)) -m pytest -q -p no:cacheprovider -m kernel tests/kernel
 
+## Full-size load tests (marked stress; make test runs them at CI size), then the integration
+## tier again under asyncio debug mode
 stress: venv
-	PYTHONASYNCIODEBUG=1 $(PYTEST) -q -m "stress or not stress" -W error::RuntimeWarning tests/integration
+	$(PYTEST) -q -m stress tests/integration
+	PYTHONASYNCIODEBUG=1 $(PYTEST) -q -W error::RuntimeWarning tests/integration
 
 lint: venv
 	$(VENV)/bin/ruff check src tests examples scripts bench

@@ -18,7 +18,7 @@ import math
 import os
 import resource
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,13 +81,17 @@ class Rig:
         path = f"/jobworker.v1.JobWorker/{method}"
         try:
             if method == "Logs":
-                async for _ in self.channel.unary_stream(path)(data):
+                async for _ in self.channel.unary_stream(path, _same, _same)(data):
                     pass
             else:
-                await self.channel.unary_unary(path)(data)
+                await self.channel.unary_unary(path, _same, _same)(data)
         except grpc.aio.AioRpcError as e:
             return e.code(), e.details() or ""
         return OK, ""
+
+
+def _same(data: bytes) -> bytes:
+    return data
 
 
 def job_groups(d: Daemon) -> list[str]:
@@ -100,7 +104,7 @@ async def rig(daemon: Daemon, pki_dir: Path) -> AsyncIterator[Rig]:
     Afterwards: every job ended, no job group, fd, task or RPC left, and the daemon serves."""
     ca, key, cert = ((pki_dir / n).read_bytes() for n in ("ca.pem", "root-key.pem", "root.pem"))
     channel = harness.channel(daemon.port, ca, key, cert)
-    r = Rig(daemon, pb_grpc.JobWorkerStub(channel), channel)  # type: ignore[no-untyped-call]
+    r = Rig(daemon, pb_grpc.JobWorkerStub(channel), channel)
     # Warm every path once (grpc opens some fds lazily), then take the baseline.
     warm = await r.call("Start", pb.StartRequest(argv=["true"]))
     assert warm[0] is OK
@@ -367,7 +371,7 @@ async def test_limits_at_and_beyond_every_bound(
 
 # -- ids -------------------------------------------------------------------------------------
 
-ID_METHODS = {
+ID_METHODS: dict[str, Callable[[str], object]] = {
     "Status": lambda i: pb.StatusRequest(id=i),
     "Stop": lambda i: pb.StopRequest(id=i, grace_seconds=0),
     "Wait": lambda i: pb.WaitRequest(id=i),
