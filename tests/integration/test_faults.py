@@ -15,10 +15,13 @@ from tests.integration import test_service_daemon as workerd_process
 
 # isort: on
 import asyncio
+import contextlib
 import hashlib
+import os
 import random
 import signal
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -384,29 +387,43 @@ async def collect(client: Client, job_id: str) -> bytes:
     return b"".join([data async for _, data in client.logs(job_id, follow=True)])
 
 
-def pipe_eof_seen(d: Daemon, job_id: str) -> bool:
-    """The daemon has read the end of the job's output pipe (its pump has let go of it)."""
-    pump = d.manager._jobs[job_id].pump
-    return pump is None or pump._eof.done()
+def holds(target: str) -> bool:
+    """Whether this process (the in-process daemon) has an fd open on ``target``."""
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == target:
+                return True
+    return False
 
 
-async def test_job_that_closes_stdout_early(
-    daemon: Daemon, connect: Connect, tmp_path: Path
-) -> None:
-    """The pipe's EOF is not the end of the job: the follower stays until the job has ended,
-    then ends with every byte, and the status it then reads says ended."""
+async def test_job_that_closes_stdout_early(connect: Connect, tmp_path: Path) -> None:
+    """The pipe's EOF is not the end of the job: once the daemon has let go of the job's
+    output pipe (it read the EOF), the follower still waits until the job has ended, then
+    ends with every byte, and the status it then reads says ended."""
     alice = connect("alice")
-    gate = tmp_path / "gate"
-    script = f'printf before; exec >&- 2>&-; while [ ! -e "{gate}" ]; do sleep 0.01; done'
+    closing, ending = tmp_path / "closing", tmp_path / "ending"
+    script = (
+        f'printf before; while [ ! -e "{closing}" ]; do sleep 0.01; done; exec >&- 2>&-; '
+        f'while [ ! -e "{ending}" ]; do sleep 0.01; done'
+    )
     st = await alice.start(["sh", "-c", script])
-    follower = asyncio.create_task(collect(alice, st.id))
-    await wait_for(lambda: pipe_eof_seen(daemon, st.id), what="the daemon to see the pipe's EOF")
+    stream = alice.logs(st.id, follow=True)
+    assert await anext(stream) == (0, b"before")
+    pipe = os.readlink(f"/proc/{st.pid}/fd/1")
+    assert pipe.startswith("pipe:") and holds(pipe)
+    follower = asyncio.create_task(collect_rest(stream))
+    closing.touch()
+    await wait_for(lambda: not holds(pipe), what="the daemon to read the pipe's EOF")
     assert (await alice.status(st.id)).state is JobState.RUNNING
     assert not follower.done(), "the follower ended while the job still runs"
-    gate.touch()
-    assert await follower == b"before"
+    ending.touch()
+    assert await follower == b""
     final = await alice.status(st.id)
     assert (final.state, final.exit_code, final.output_bytes) == (JobState.EXITED, 0, 6)
+
+
+async def collect_rest(stream: AsyncIterator[tuple[int, bytes]]) -> bytes:
+    return b"".join([data async for _, data in stream])
 
 
 async def test_output_without_newlines_is_delivered_live(connect: Connect, tmp_path: Path) -> None:
