@@ -25,7 +25,7 @@ from jobworker.cgroup.discovery import own_cgroup_dir
 from jobworker.cgroup.tree import CgroupTree, open_procs
 from jobworker.cgroup.watch import EventsWatcher
 from jobworker.errors import HostError, JobNotFound, LimitUnavailable, ShuttingDown, SpawnError
-from jobworker.output import OutputPump, read_output
+from jobworker.output import OutputPump, PumpThread, make_pipe, read_output
 from jobworker.spawner import Credentials, Spawner, describe_wait_status
 from jobworker.spec import JobSpec, JobState, JobStatus, Usage
 from jobworker.store import Store
@@ -107,6 +107,7 @@ class JobManager:
         tree: CgroupTree,
         spawner: Spawner,
         watcher: EventsWatcher,
+        pumps: PumpThread,
         available: frozenset[str],
         stop_grace: float,
         credentials: Credentials,
@@ -118,6 +119,7 @@ class JobManager:
         self._tree = tree
         self._spawner = spawner
         self._watcher = watcher
+        self._pumps = pumps
         self._available = available
         self._stop_grace = stop_grace
         self._credentials = credentials
@@ -163,12 +165,15 @@ class JobManager:
             available = controllers.enable(tree.delegated, tree.parent)
             watcher = EventsWatcher()
             undo.callback(watcher.close)
+            pumps = PumpThread()
+            undo.push_async_callback(pumps.close)
             self = cls(
                 _token=_OPEN,
                 store=store,
                 tree=tree,
                 spawner=spawner,
                 watcher=watcher,
+                pumps=pumps,
                 available=available,
                 stop_grace=stop_grace,
                 credentials=credentials or Credentials(),
@@ -249,7 +254,7 @@ class JobManager:
             controllers.apply(group, spec.limits)
             self._watcher.watch(group)
             undo.callback(self._watcher.unwatch, group)
-            pipe_r, pipe_w = OutputPump.make_pipe()
+            pipe_r, pipe_w = make_pipe()
             undo.callback(_close_quietly, pipe_r)
             procs_fd = open_procs(group)
             creds = credentials or self._credentials
@@ -280,7 +285,7 @@ class JobManager:
         )
         job = _Job(spec, status)
         job.group = group
-        job.pump = OutputPump(
+        job.pump = self._pumps.add(
             log_fd, pipe_r, lambda why: self._on_output_refused(job, why), self._max_log_bytes
         )
         self._jobs[job_id] = job
@@ -327,9 +332,13 @@ class JobManager:
             if self._tree.populated(group):
                 self._tree.kill(group)
                 await self._wait_empty(group)
-            if not await job.pump.wait_eof(EOF_TIMEOUT):
-                log.warning("job %s: output still held open outside its cgroup", job.id)
-                job.pump.abandon()
+        except HostError as e:
+            log.exception("job %s: killing what is left failed", job.id)
+            reason = reason or str(e)
+        if not await job.pump.wait_eof(EOF_TIMEOUT):
+            log.warning("job %s: output still held open outside its cgroup", job.id)
+            await job.pump.abandon()
+        try:
             usage = controllers.read_usage(group)
             oom = controllers.oom_killed(group)
         except HostError as e:
@@ -465,6 +474,7 @@ class JobManager:
         tasks = [j.task for j in self._jobs.values() if j.task is not None]
         await asyncio.gather(*tasks, *self._tasks, return_exceptions=True)
         self._watcher.close()
+        await self._pumps.close()
         await self._spawner.close()
         self._tree.teardown()
         self._store.close()
