@@ -44,9 +44,8 @@ lint: venv
 	$(VENV)/bin/mypy
 
 coverage: venv
-	$(PY) -m pip install -q coverage
-	$(PY) -m coverage run --source=jobworker -m pytest -q
-	$(PY) -m coverage report
+	$(PY) -m coverage run --source=jobworker --omit='*/api/v1/*' -m pytest -q
+	$(PY) -m coverage report --skip-covered --sort=cover
 
 example: venv
 	$(PY) examples/tail.py sh -c 'for i in 1 2 3; do echo "line $$i"; done'
