@@ -183,6 +183,10 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
         async with self._rpc("Start", context) as identity:
             authorize(identity, Action.START)
             requested = convert.limits_from_pb(request.limits)
+            if requested.io:
+                # Caps and defaults name devices as MAJ:MIN of the whole disk: so must the
+                # request, or "/dev/sda" would slip past a cap on "8:0".
+                requested = requested.resolved()
             limits = effective_limits(
                 requested, self._settings.default_limits, self._settings.max_limits
             )

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from jobworker import JobSpec, JobState, Limits
+from jobworker import IOLimit, JobSpec, JobState, Limits
 from jobworker.api.errors import RemoteError
 from jobworker.api.v1 import jobworker_pb2 as pb
 from jobworker.api.v1 import jobworker_pb2_grpc as pb_grpc
@@ -479,6 +479,46 @@ async def test_caps_refuse_requests_above_them(
                 await c.start(["true"], limits=Limits(memory=1 << 30))
             with pytest.raises(InvalidArgument, match="pids: 100 is above"):
                 await c.start(["true"], limits=Limits(pids=100))
+    finally:
+        await d.close()
+
+
+def _root_disk() -> tuple[str, str] | None:
+    """(a block device path, its whole disk's MAJ:MIN) for the disk under /, if there is one."""
+    dev = os.stat("/").st_dev
+    sysdir = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    if not sysdir.exists():
+        return None
+    disk = sysdir.resolve().parent if (sysdir / "partition").exists() else sysdir.resolve()
+    name = disk.name
+    node = Path("/dev") / name
+    if not node.exists():
+        return None
+    return str(node), (disk / "dev").read_text().strip()
+
+
+async def test_io_caps_apply_whatever_the_device_is_called(
+    tmp_path: Path, pki_dir: Path, cgroup_name: str
+) -> None:
+    """A cap on MAJ:MIN must also catch a request that names the device by path."""
+    if reason := cgroup2_usable():
+        pytest.skip(reason)
+    disk = _root_disk()
+    if disk is None:
+        pytest.skip("no block device under / to name")
+    path, majmin = disk
+    config = harness.make_config(
+        tmp_path / "state",
+        pki_dir,
+        cgroup_name,
+        max_limits=Limits(io=(IOLimit(majmin, write_bps=1 << 20),)),
+    )
+    d = await serve(config)
+    try:
+        async with Client.from_pki(f"127.0.0.1:{d.port}", pki_dir, "alice") as c:
+            for name in (path, majmin):
+                with pytest.raises(InvalidArgument, match=f"io {majmin} write_bps: .* is above"):
+                    await c.start(["true"], limits=Limits(io=(IOLimit(name, write_bps=10 << 20),)))
     finally:
         await d.close()
 
