@@ -220,14 +220,15 @@ class Spawner:
             os.dup2(self.devnull, 0)
             os.dup2(out_fd, 1)
             os.dup2(out_fd, 2)
-            stage = "cwd"
-            os.chdir(cwd)
             stage = "credentials"
             if gid >= 0:
                 os.setgroups(groups)
                 os.setgid(gid)
             if uid >= 0:
                 os.setuid(uid)
+            # After the switch: as root, chdir would reach directories the job's user cannot.
+            stage = "cwd"
+            os.chdir(cwd)
             stage = "exec"
             for sig in self.reset_signals:
                 signal.signal(sig, signal.SIG_DFL)

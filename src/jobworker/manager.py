@@ -24,7 +24,14 @@ from jobworker.cgroup import controllers
 from jobworker.cgroup.discovery import own_cgroup_dir
 from jobworker.cgroup.tree import CgroupTree, open_procs
 from jobworker.cgroup.watch import EventsWatcher
-from jobworker.errors import HostError, JobNotFound, LimitUnavailable, ShuttingDown, SpawnError
+from jobworker.errors import (
+    HostError,
+    JobNotFound,
+    JobworkerError,
+    LimitUnavailable,
+    ShuttingDown,
+    SpawnError,
+)
 from jobworker.output import OutputPump, PumpThread, make_pipe, read_output
 from jobworker.spawner import Credentials, Spawner, describe_wait_status
 from jobworker.spec import JobSpec, JobState, JobStatus, Usage
@@ -55,6 +62,7 @@ class _Job:
         "status",
         "stop_reason",
         "task",
+        "terminating",
     )
 
     def __init__(self, spec: JobSpec, status: JobStatus) -> None:
@@ -65,6 +73,7 @@ class _Job:
         self.pump: OutputPump | None = None
         self.stop_reason: str | None = None
         self.task: asyncio.Task[None] | None = None
+        self.terminating: asyncio.Future[None] | None = None
         self.ended = asyncio.Event()
         if status.state.ended:
             self.ended.set()
@@ -128,6 +137,7 @@ class JobManager:
         self._jobs: dict[str, _Job] = {}
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._starting: set[asyncio.Future[JobStatus]] = set()
 
     @classmethod
     async def open(
@@ -238,9 +248,20 @@ class JobManager:
     async def start(self, spec: JobSpec, credentials: Credentials | None = None) -> JobStatus:
         """Start a job, as ``credentials`` (default: the manager's). Raises
         :class:`SpawnError` (nothing is left behind), :class:`LimitUnavailable`,
-        :class:`ShuttingDown` or :class:`HostError`."""
+        :class:`ShuttingDown` or :class:`HostError`.
+
+        Cancelling the caller does not cancel a start under way: once the request may have
+        reached the spawner, the job is started and tracked like any other (a half-cancelled
+        start would leave a process nobody supervises).
+        """
         if self._closing:
             raise ShuttingDown("the job manager is shutting down; no new jobs are accepted")
+        task = asyncio.ensure_future(self._start(spec, credentials or self._credentials))
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
+        return await asyncio.shield(task)
+
+    async def _start(self, spec: JobSpec, creds: Credentials) -> JobStatus:
         controllers.check(spec.limits, self._available)
         env = spec.full_env()
         path = resolve_command(spec.argv[0], env["PATH"], spec.cwd)
@@ -256,23 +277,13 @@ class JobManager:
             undo.callback(self._watcher.unwatch, group)
             pipe_r, pipe_w = make_pipe()
             undo.callback(_close_quietly, pipe_r)
-            procs_fd = open_procs(group)
-            creds = credentials or self._credentials
-            # The fast path cannot change credentials, and the spawner counts against the
-            # job's pids.max for a moment.
-            fast = (
-                self._fast_spawn
-                and creds.uid < 0
-                and creds.gid < 0
-                and (spec.limits.pids is None or spec.limits.pids >= 2)
-            )
-            try:
+            with contextlib.ExitStack() as ours:  # the spawner gets its own copies of these
+                ours.callback(os.close, pipe_w)
+                procs_fd = open_procs(group)
+                ours.callback(os.close, procs_fd)
                 spawned = await self._spawner.spawn(
-                    path, spec.argv, env, spec.cwd, procs_fd, pipe_w, creds, fast
+                    path, spec.argv, env, spec.cwd, procs_fd, pipe_w, creds, self._fast(spec, creds)
                 )
-            finally:
-                os.close(procs_fd)
-                os.close(pipe_w)
             undo.pop_all()
         status = JobStatus(
             id=job_id,
@@ -295,6 +306,21 @@ class JobManager:
         except HostError:
             log.exception("job %s: record not written at start", job_id)
         return status
+
+    def _fast(self, spec: JobSpec, creds: Credentials) -> bool:
+        """Whether the spawner may posix_spawn from inside the job's group. Not when the job
+        runs as someone else (posix_spawn cannot switch), and not when the group's limits could
+        catch the spawner during its moment inside: pids.max counts it, a tight cpu.max
+        throttles it, and memory.max with memory.oom.group could OOM-kill it with the job."""
+        limits = spec.limits
+        return (
+            self._fast_spawn
+            and creds.uid < 0
+            and creds.gid < 0
+            and limits.memory is None
+            and limits.cpu is None
+            and (limits.pids is None or limits.pids >= 2)
+        )
 
     def _on_output_refused(self, job: _Job, reason: str) -> None:
         log.warning("job %s: %s; stopping it", job.id, reason)
@@ -332,7 +358,7 @@ class JobManager:
             if self._tree.populated(group):
                 self._tree.kill(group)
                 await self._wait_empty(group)
-        except HostError as e:
+        except JobworkerError as e:  # HostError, or LimitUnavailable: no cgroup.kill (< 5.14)
             log.exception("job %s: killing what is left failed", job.id)
             reason = reason or str(e)
         if not await job.pump.wait_eof(EOF_TIMEOUT):
@@ -341,7 +367,7 @@ class JobManager:
         try:
             usage = controllers.read_usage(group)
             oom = controllers.oom_killed(group)
-        except HostError as e:
+        except JobworkerError as e:
             log.exception("job %s: cleanup failed", job.id)
             reason = reason or str(e)
         finally:
@@ -371,10 +397,11 @@ class JobManager:
         pump, job.pump = job.pump, None
         try:
             await self._store.save_async(job.spec, job.status)
-        except HostError:
+        except Exception:
             log.exception("job %s: final record not written", job.id)
-        job.ended.set()
-        pump.finish()
+        finally:
+            job.ended.set()
+            pump.finish()
 
     # -- stop ------------------------------------------------------------------------------
 
@@ -393,15 +420,19 @@ class JobManager:
         grace = self._stop_grace if grace is None else grace
         group = job.group
         if group is not None:
+            # One SIGTERM round per job: a second stop (a user's after a log-cap stop, or
+            # close's) waits for it instead of thawing the group under the first one.
+            if job.terminating is None:
+                job.terminating = asyncio.ensure_future(self._terminate(group))
             # The job may end meanwhile and its group be removed under the freeze: cgroupfs
             # then reports a file gone (LimitUnavailable) or unreadable (HostError).
             with contextlib.suppress(HostError, LimitUnavailable):
-                await self._terminate(group)
+                await asyncio.shield(job.terminating)
         try:
             await asyncio.wait_for(job.ended.wait(), grace)
         except TimeoutError:
             if job.group is not None:
-                with contextlib.suppress(HostError):
+                with contextlib.suppress(HostError, LimitUnavailable):
                     self._tree.kill(job.group)
             await job.ended.wait()
         return job.status
@@ -467,6 +498,8 @@ class JobManager:
             await asyncio.gather(*(j.ended.wait() for j in self._jobs.values()))
             return
         self._closing = True
+        # Starts under way finish first, so their jobs are among those stopped below.
+        await asyncio.gather(*self._starting, return_exceptions=True)
         running = [j.id for j in self._jobs.values() if not j.ended.is_set()]
         await asyncio.gather(
             *(self.stop(i, reason="stopped: the job manager shut down") for i in running)

@@ -242,6 +242,7 @@ class OutputPump:
 
     def _publish(self) -> None:
         self._publish_pending = False  # before reading: a later change schedules again
+        eof = self._eof_seen  # before the size: once EOF is seen, the size is final
         self.size = self._written
         self.discarded = self._discarded
         refusal = self._refusal
@@ -249,7 +250,7 @@ class OutputPump:
             self.refused = refusal
             if self._on_refused is not None:
                 self._on_refused(refusal)
-        if self._eof_seen and not self._eof.done():
+        if eof and not self._eof.done():
             self._eof.set_result(None)
         self._notify()
 

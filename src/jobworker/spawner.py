@@ -206,9 +206,8 @@ class Spawner:
         await self._send(("home",), [procs_fd])
 
     async def close(self) -> None:
-        """Close the socket (the spawner exits on EOF) and reap it."""
-        if self._dead is None:
-            self._loop.remove_reader(self._sock.fileno())
+        """Close the socket (the spawner exits on EOF) and reap it. Pending requests fail."""
+        self._fail(HostError("the spawner was closed"))
         self._sock.close()
         try:
             pidfd = os.pidfd_open(self._proc.pid)

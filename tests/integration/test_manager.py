@@ -381,3 +381,40 @@ async def test_a_second_manager_cannot_share_the_group_or_state(
     assert manager.status(st.id).state is JobState.RUNNING
     assert alive(st.pid)
     await manager.stop(st.id)
+
+
+async def test_starts_racing_close_end_cleanly(tmp_path: Path, cgroup_name: str) -> None:
+    """close() lets starts under way finish and stops their jobs; none hangs or leaks."""
+    from tests.conftest import cgroup2_usable
+
+    if cgroup2_usable():
+        pytest.skip(str(cgroup2_usable()))
+    mgr = await JobManager.open(tmp_path / "s", cgroup_name=cgroup_name, stop_grace=1.0)
+    starts = [asyncio.create_task(mgr.start(JobSpec(argv=("sleep", "1000")))) for _ in range(8)]
+    await asyncio.sleep(0)  # let them begin: the race is the point
+    await asyncio.wait_for(mgr.close(), 30)
+    pids = []
+    for outcome in await asyncio.gather(*starts, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            assert isinstance(outcome, ShuttingDown), outcome
+        else:
+            assert mgr.status(outcome.id).state is JobState.STOPPED
+            pids.append(outcome.pid)
+    assert not any(alive(p) for p in pids)
+    assert not mgr.cgroup_parent.exists()
+
+
+async def test_a_cancelled_start_still_leaves_a_tracked_job(manager: JobManager) -> None:
+    """Cancelling the caller must not leave a process nobody supervises: the start goes on."""
+    callers = [
+        asyncio.create_task(manager.start(JobSpec(argv=("sleep", "1000")))) for _ in range(5)
+    ]
+    await asyncio.sleep(0)
+    for caller in callers:
+        caller.cancel()
+    await asyncio.gather(*callers, return_exceptions=True)
+    await wait_for(lambda: len(manager.list()) == 5, what="the five starts to finish")
+    group_names = {p.name for p in manager.cgroup_parent.iterdir() if p.is_dir()}
+    assert group_names == {s.id for s in manager.list()}
+    for st in manager.list():
+        assert (await manager.stop(st.id)).state is JobState.STOPPED

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from jobworker import Credentials, JobManager, JobSpec, JobState
+from jobworker import Credentials, JobManager, JobSpec, JobState, SpawnError
 from tests.conftest import cgroup2_usable
 
 
@@ -148,3 +148,28 @@ async def test_jobs_run_unprivileged_and_cannot_touch_the_state_dir(
         assert (await collect(mgr, root.id)).strip() == str(os.getuid()).encode()
     finally:
         await mgr.close()
+
+
+async def test_a_job_cannot_start_in_a_directory_its_user_cannot_reach(
+    tmp_path: Path, cgroup_name: str
+) -> None:
+    """The working directory is entered after the switch to the job's user, not as root."""
+    if cgroup2_usable():
+        pytest.skip(str(cgroup2_usable()))
+    nobody = pwd.getpwnam("nobody")
+    secret = tmp_path / "secret"
+    (secret / "pub").mkdir(parents=True)
+    (secret / "pub").chmod(0o755)
+    secret.chmod(0o700)
+    mgr = await JobManager.open(
+        tmp_path / "state",
+        cgroup_name=cgroup_name,
+        credentials=Credentials(uid=nobody.pw_uid, gid=nobody.pw_gid),
+    )
+    try:
+        with pytest.raises(SpawnError, match="working directory: Permission denied"):
+            await mgr.start(JobSpec(argv=("ls",), cwd=str(secret / "pub")))
+        assert mgr.list() == []
+    finally:
+        await mgr.close()
+    assert not mgr.cgroup_parent.exists()

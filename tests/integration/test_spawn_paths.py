@@ -97,3 +97,16 @@ async def test_pids_limit_of_one_uses_the_fork_path(manager: JobManager) -> None
 
         with pytest.raises(LimitUnavailable, match="pids"):
             await manager.start(JobSpec(argv=("true",), limits=Limits(pids=1)))
+
+
+async def test_the_fast_path_is_kept_away_from_limits_that_could_catch_the_spawner(
+    manager: JobManager,
+) -> None:
+    """While it posix_spawns, the spawner sits in the job's group: a pids.max of 1, a tight
+    cpu.max or memory.max with memory.oom.group would catch it, so those jobs are forked."""
+    me = Credentials()
+    assert manager._fast(JobSpec(argv=("true",)), me)
+    assert manager._fast(JobSpec(argv=("true",), limits=Limits(pids=2, cpu_weight=50)), me)
+    for limits in (Limits(pids=1), Limits(memory=64 << 20), Limits(cpu=0.5)):
+        assert not manager._fast(JobSpec(argv=("true",), limits=limits), me)
+    assert not manager._fast(JobSpec(argv=("true",)), PATHS["fork"] or me)
