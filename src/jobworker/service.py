@@ -143,26 +143,38 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
     ) -> AsyncIterator[Identity]:
         """Authenticate, time and translate errors for one call."""
         started = time.monotonic()
-        code = grpc.StatusCode.OK
         in_flight = self._metrics.in_flight.labels(method)
         in_flight.inc()
+        recorded = False
+
+        def done(code: grpc.StatusCode) -> None:
+            # Before abort(), which sends the status: a caller that then reads /metrics must
+            # find its call counted.
+            nonlocal recorded
+            if not recorded:
+                recorded = True
+                in_flight.dec()
+                self._metrics.rpc(method, code.name, time.monotonic() - started)
+
         try:
             yield self._identity(context)
         except JobworkerError as e:
             code = grpc.StatusCode[code_for(e)]
             if isinstance(e, HostError):
                 log.error("%s: %s", method, e, exc_info=e)
+            done(code)
             await context.abort(code, _details(str(e)))
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            done(grpc.StatusCode.CANCELLED)
             raise
         except Exception:
-            code = grpc.StatusCode.INTERNAL
             log.exception("%s failed", method)
-            await context.abort(code, "internal error in the daemon; see its log")
+            done(grpc.StatusCode.INTERNAL)
+            await context.abort(
+                grpc.StatusCode.INTERNAL, "internal error in the daemon; see its log"
+            )
         finally:
-            in_flight.dec()
-            self._metrics.rpc(method, code.name, time.monotonic() - started)
+            done(grpc.StatusCode.OK)
 
     async def refuse(
         self, method: str, context: aio.ServicerContext[object, object], error: str
