@@ -10,6 +10,7 @@ from jobworker import tls  # noqa: F401 - first: jobworker.tls must precede grpc
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -152,6 +153,17 @@ def children(pid: int) -> list[int]:
         with contextlib.suppress(OSError):
             out += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
     return out
+
+
+def start_followers(args: dict[str, object]) -> subprocess.Popen[str]:
+    """A follower process (``bench._followers``) with ``args``; it reports on stdout."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench._followers", json.dumps(args)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
 
 
 def free_port() -> int:

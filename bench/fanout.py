@@ -8,19 +8,18 @@ import asyncio
 import hashlib
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 from bench.common import (
-    ROOT,
     USER,
     Settings,
     Workerd,
     expected_output,
     go_file,
     median,
+    start_followers,
 )
 from jobworker.client import Client
 
@@ -42,15 +41,7 @@ def spawn_followers(daemon: Workerd, job: str, k: int, mode: str) -> list[subpro
             "channels": n,
             "mode": mode,
         }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "bench._followers", json.dumps(args)],
-                cwd=ROOT,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-        )
+        procs.append(start_followers(args))
     return procs
 
 

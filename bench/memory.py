@@ -5,14 +5,13 @@ with the same TLS and options (:mod:`bench._bare_server`), which is grpc's own c
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 
-from bench.common import ROOT, USER, Settings, Workerd, proc_sample
+from bench.common import ROOT, USER, Settings, Workerd, proc_sample, start_followers
 
 STREAMS_PER_CHANNEL = 100
 SETTLE = 1.0
@@ -33,15 +32,7 @@ def _hold(addr: str, pki: str, job: str, n: int, bare: bool) -> list[subprocess.
             "mode": "idle",
             "bare": bare,
         }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "bench._followers", json.dumps(args)],
-                cwd=ROOT,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-        )
+        procs.append(start_followers(args))
     return procs
 
 
