@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import functools
 import json
 import os
@@ -22,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from jobworker._dirlock import lock_directory
 from jobworker.errors import HostError
 from jobworker.limits import IOLimit, Limits
 from jobworker.spec import JobSpec, JobState, JobStatus, Usage
@@ -47,17 +47,11 @@ class Store:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.root, 0o700)
             self.jobs.mkdir(mode=0o700, exist_ok=True)
-            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             raise HostError(f"cannot create the state directory {self.root}: {e.strerror}") from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise HostError(
-                f"state directory {self.root} is in use by another jobworker manager"
-            ) from None
-        self._lock_fd = fd
+        self._lock_fd = lock_directory(
+            self.root, f"state directory {self.root} is in use by another jobworker manager"
+        )
         self._writer.submit(int).result()  # start the writer thread now, not mid-run
 
     def close(self) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import os
 from pathlib import Path
 
+from jobworker._dirlock import lock_directory
 from jobworker.cgroup import fs
 from jobworker.errors import HostError
 
@@ -37,18 +37,13 @@ class CgroupTree:
         """
         try:
             self.parent.mkdir(exist_ok=True)
-            fd = os.open(self.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             raise HostError(f"cannot create cgroup {self.parent}: {e.strerror}") from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise HostError(
-                f"cgroup {self.parent} is in use by another jobworker manager; "
-                "give each one its own cgroup name"
-            ) from None
-        self._lock_fd = fd
+        self._lock_fd = lock_directory(
+            self.parent,
+            f"cgroup {self.parent} is in use by another jobworker manager; "
+            "give each one its own cgroup name",
+        )
 
     def teardown(self) -> None:
         """Remove the parent group if it is empty (leftover job groups keep it); unlock."""
