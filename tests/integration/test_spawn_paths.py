@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jobworker import Credentials, JobManager, JobSpec, Limits, SpawnError
+from jobworker import Credentials, JobManager, JobSpec, Limits, LimitUnavailable, SpawnError
 
 PATHS = {
     "posix_spawn": None,
@@ -84,19 +84,18 @@ async def test_spawner_stays_out_of_job_groups(
     await manager.stop(st.id)
 
 
-async def test_pids_limit_of_one_uses_the_fork_path(manager: JobManager) -> None:
-    """With pids.max=1 the spawner could not step in beside the child; only checkable for the
-    choice here (this host has no pids controller: the limit itself is refused)."""
+async def test_a_pids_limit_of_one_still_starts_the_job(manager: JobManager) -> None:
+    """With pids.max=1 there is no room for the spawner beside the child: such a job must be
+    forked (the choice itself is checked below). Where the host has no pids controller the
+    limit is refused instead, before anything is created."""
+    spec = JobSpec(argv=("true",), limits=Limits(pids=1))
     if "pids" in manager.available_controllers:
-        out = await run(manager, None, "true")
-        assert out == ""
-        st = await manager.start(JobSpec(argv=("true",), limits=Limits(pids=1)))
+        st = await manager.start(spec)
         assert (await manager.wait(st.id)).exit_code == 0
     else:
-        from jobworker import LimitUnavailable
-
         with pytest.raises(LimitUnavailable, match="pids"):
-            await manager.start(JobSpec(argv=("true",), limits=Limits(pids=1)))
+            await manager.start(spec)
+        assert manager.list() == []
 
 
 async def test_the_fast_path_is_kept_away_from_limits_that_could_catch_the_spawner(
