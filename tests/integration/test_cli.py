@@ -614,6 +614,15 @@ async def test_run_second_ctrl_c_detaches(patient_daemon: Daemon, pki_dir: Path)
     proc.send_signal(signal.SIGINT)
     first = await proc.stderr.readline()
     assert b"press Ctrl+C again to detach" in first
+
+    def stop_in_flight() -> bool:
+        value = patient_daemon.metrics.registry.get_sample_value(
+            "jobworker_rpcs_in_flight", {"method": "Stop"}
+        )
+        return bool(value)
+
+    # The message is printed as the Stop is sent: wait until the daemon is serving it.
+    await wait_for(stop_in_flight, what="the daemon to receive the Stop")
     proc.send_signal(signal.SIGINT)  # the job ignores SIGTERM: the stop is still in its grace
     _, rest = await proc.communicate()
     assert proc.returncode == Exit.INTERRUPTED

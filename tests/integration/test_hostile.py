@@ -318,6 +318,13 @@ def expected_limits(
             return INVALID
     if len(set(devices)) != len(devices):
         return INVALID
+    # The request is checked whole before the host is asked what it can enforce: devices are
+    # resolved to their whole disk first (two names for one disk are one device given twice).
+    if not all(is_block_device(d) for d in devices):
+        return INVALID
+    whole = [whole_disk(d) for d in devices]
+    if len(set(whole)) != len(whole):
+        return INVALID
     needed = {
         c
         for c, v in (("cpu", cpu), ("cpu", weight), ("memory", memory), ("pids", pids))
@@ -325,10 +332,18 @@ def expected_limits(
     } | ({"io"} if io else set())
     if not needed <= available:
         return PRECONDITION
-    for device in devices:
-        if not is_block_device(device):
-            return INVALID
     return OK
+
+
+def whole_disk(device: str) -> str:
+    """MAJ:MIN of the disk a (known) block device path or number is, or is a partition of."""
+    if device.startswith("/"):
+        rdev = os.stat(device).st_rdev
+        device = f"{os.major(rdev)}:{os.minor(rdev)}"
+    sys_dir = Path("/sys/dev/block", device)
+    if (sys_dir / "partition").exists():
+        return (sys_dir.resolve().parent / "dev").read_text().strip()
+    return device
 
 
 def is_block_device(device: str) -> bool:
