@@ -42,6 +42,7 @@ lint: venv
 	$(VENV)/bin/ruff check src tests examples scripts bench
 	$(VENV)/bin/ruff format --check src tests examples scripts bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 coverage: venv
 	$(PY) -m coverage run --source=jobworker --omit='*/api/v1/*' -m pytest -q

@@ -13,7 +13,7 @@ Prints progress on stderr, then a table, then ONE line of JSON with every figure
 from __future__ import annotations
 
 # isort: off
-from jobworker import tls  # noqa: F401 - first: jobworker.tls must precede grpc
+from jobworker.server import tls13  # noqa: F401 - first: it must precede grpc
 import grpc
 
 # isort: on

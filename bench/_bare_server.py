@@ -15,7 +15,7 @@ Prints its port. Methods (raw bytes, no protobuf):
 from __future__ import annotations
 
 # isort: off
-from jobworker import tls
+from jobworker.server import tls13  # noqa: F401 - the daemon's TLS 1.3-only rule, before grpc
 import grpc
 from grpc import aio
 
@@ -26,8 +26,9 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from jobworker import tls
 from jobworker.output import READ_CHUNK
-from jobworker.service import SERVER_OPTIONS
+from jobworker.server.service import SERVER_OPTIONS
 
 
 async def idle(request: bytes, context: aio.ServicerContext[bytes, bytes]) -> AsyncIterator[bytes]:

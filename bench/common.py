@@ -4,7 +4,7 @@ state dir and cgroup, readings of its /proc entries, and percentile helpers."""
 from __future__ import annotations
 
 # isort: off
-from jobworker import tls  # noqa: F401 - first: jobworker.tls must precede grpc
+from jobworker.server import tls13  # noqa: F401 - first: it must precede grpc
 
 # isort: on
 import asyncio
@@ -28,7 +28,7 @@ from pathlib import Path
 from bench import _writer
 from jobworker.cgroup.discovery import own_cgroup_dir
 from jobworker.client import Client
-from jobworker.pki import init_pki
+from jobworker.client.pki import init_pki
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -185,7 +185,7 @@ def _workerd_command() -> list[str]:
     prelude = (
         "import jobworker.output as o; "
         f"o.read_output.__defaults__ = ({int(chunk)},); "
-        "from jobworker.daemon import main; main()"
+        "from jobworker.server.daemon import main; main()"
     )
     return [sys.executable, "-c", prelude]
 

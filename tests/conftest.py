@@ -4,9 +4,9 @@ test under a parent group of its own, and check that nothing leaks."""
 from __future__ import annotations
 
 # isort: off
-# jobworker.tls sets GRPC_SSL_CIPHER_SUITES, which grpc reads once, on import: whichever test
-# module imports grpc first, the daemon's TLS 1.3-only setting must already be in place.
-import jobworker.tls  # noqa: F401
+# jobworker.server.tls13 sets GRPC_SSL_CIPHER_SUITES, which grpc reads once, on import: whichever
+# test module imports grpc first, the daemon's TLS 1.3-only setting must already be in place.
+import jobworker.server.tls13  # noqa: F401
 
 # isort: on
 import asyncio

@@ -16,8 +16,7 @@ from jobworker.errors import (
 )
 from jobworker.limits import IOLimit, Limits
 from jobworker.manager import JobManager
-from jobworker.spawner import Credentials
-from jobworker.spec import JobSpec, JobState, JobStatus, Usage
+from jobworker.spec import Credentials, JobSpec, JobState, JobStatus, Usage
 
 __all__ = [
     "Credentials",

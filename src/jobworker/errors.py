@@ -1,18 +1,25 @@
-"""The one exception tree of jobworker.
+"""The one exception tree of jobworker, used by the library, the daemon and the client.
 
 ::
 
-    JobworkerError
-    ├── InvalidArgument (also ValueError)   the caller's request is malformed
-    │   └── SpawnError                      the command cannot be executed (not found, bad cwd, ...)
-    ├── JobNotFound (also LookupError)      no such job, or not one the caller may see
-    ├── PermissionDenied                    the caller's role forbids the action
-    ├── LimitUnavailable                    a limit the host cannot enforce (controller missing)
-    ├── ShuttingDown                        the manager is closing or closed
-    └── HostError                           the host failed us (cgroupfs, state dir)
+    JobworkerError                          who is at fault                 gRPC status
+    ├── InvalidArgument (also ValueError)   the caller: malformed request   INVALID_ARGUMENT
+    │   └── SpawnError                      the caller: command cannot run  INVALID_ARGUMENT
+    ├── JobNotFound (also LookupError)      the caller: no such job, or     NOT_FOUND
+    │                                       not one it may see
+    ├── PermissionDenied                    the caller: its role forbids    PERMISSION_DENIED
+    │   └── Unauthenticated                 the caller: no usable identity  UNAUTHENTICATED
+    ├── LimitUnavailable                    the host: controller missing    FAILED_PRECONDITION
+    ├── ShuttingDown                        nobody: the manager is closing  UNAVAILABLE
+    │                                       (client: daemon unreachable)
+    ├── HostError                           the host: cgroupfs, state dir   INTERNAL
+    ├── ConfigError                         the local user: certificates,   (client only)
+    │                                       keys, settings, PKI files
+    └── RemoteError                         the transport or the daemon:    any other code
+                                            a status outside the table
 
-Each names who caused the problem. The gRPC service maps this tree to status codes in one table
-(:mod:`jobworker.service`); the client maps the codes back to these classes.
+The status codes are mapped in one table (:mod:`jobworker.api.errors`): the service turns a
+raised error into its code there, and the client turns a code back into the class.
 """
 
 from __future__ import annotations
@@ -42,6 +49,10 @@ class PermissionDenied(JobworkerError):
     """The caller's role does not allow the action."""
 
 
+class Unauthenticated(PermissionDenied):
+    """The peer presented no usable identity (no verified certificate, or no role)."""
+
+
 class LimitUnavailable(JobworkerError):
     """A requested limit needs a cgroup controller this host does not offer."""
 
@@ -55,3 +66,17 @@ class HostError(JobworkerError):
 
     The message names the path and value involved; the OS error is kept as ``__cause__``.
     """
+
+
+class ConfigError(JobworkerError):
+    """The local configuration is unusable: a certificate or key missing or invalid, no user
+    picked, a PKI file that would be overwritten (the CLI exits 78)."""
+
+
+class RemoteError(JobworkerError):
+    """A status code outside the error table (deadline, cancellation, a transport failure the
+    daemon did not choose); ``code`` is the ``grpc.StatusCode`` name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{message} ({code})" if message else code)
+        self.code = code

@@ -33,8 +33,8 @@ from jobworker.errors import (
     SpawnError,
 )
 from jobworker.output import OutputPump, PumpThread, make_pipe, read_output
-from jobworker.spawner import Credentials, Spawner, describe_wait_status
-from jobworker.spec import JobSpec, JobState, JobStatus, Usage
+from jobworker.spawn import Spawner, describe_wait_status
+from jobworker.spec import Credentials, JobSpec, JobState, JobStatus, Usage
 from jobworker.store import Store
 
 log = logging.getLogger(__name__)

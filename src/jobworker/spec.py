@@ -25,6 +25,15 @@ MAX_ARGV_ENV_BYTES = 1024 * 1024
 MAX_OWNER_BYTES = 256
 
 
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Who a job runs as; ``-1`` keeps the daemon's own (root must be granted explicitly)."""
+
+    uid: int = -1
+    gid: int = -1
+    groups: tuple[int, ...] = field(default_factory=tuple)
+
+
 class JobState(enum.StrEnum):
     RUNNING = "running"
     EXITED = "exited"

@@ -5,7 +5,7 @@ Import the fixtures into a test module (``from tests.integration.daemon_harness 
 from __future__ import annotations
 
 # isort: off
-from jobworker import service  # noqa: F401 - first: jobworker.tls must precede grpc
+from jobworker.server import service  # noqa: F401 - first: jobworker.tls must precede grpc
 import grpc
 
 # isort: on
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from jobworker.client import Client
-from jobworker.daemon import Config, Daemon, serve
-from jobworker.pki import init_pki
+from jobworker.client.pki import init_pki
+from jobworker.server.daemon import Config, Daemon, serve
 from jobworker.tls import Paths
 from tests.conftest import cgroup2_usable
 from tests.conftest import new_threads as new_threads  # noqa: PLC0414 - re-exported for tests

@@ -26,9 +26,9 @@ from typing import Protocol
 import pytest
 from click.testing import CliRunner, Result
 
-from jobworker.cli import Exit, cli
-from jobworker.daemon import Config, Daemon, serve
-from jobworker.pki import init_pki
+from jobworker.client.cli import Exit, cli
+from jobworker.client.pki import init_pki
+from jobworker.server.daemon import Config, Daemon, serve
 from jobworker.spec import JobState
 from jobworker.tls import Paths, load_client
 from tests.conftest import cgroup2_usable, wait_for

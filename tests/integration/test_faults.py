@@ -30,8 +30,8 @@ import pytest
 from jobworker import JobManager, JobSpec, JobState, JobStatus
 from jobworker.cgroup.discovery import own_cgroup_dir
 from jobworker.client import Client
-from jobworker.daemon import Daemon, serve
 from jobworker.errors import ShuttingDown
+from jobworker.server.daemon import Daemon, serve
 from tests.conftest import wait_for
 
 pki_dir, daemon, connect = harness.pki_dir, harness.daemon, harness.connect

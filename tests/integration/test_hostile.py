@@ -27,9 +27,8 @@ from google.protobuf.message import DecodeError, Message
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from jobworker.api.v1 import jobworker_pb2 as pb
-from jobworker.api.v1 import jobworker_pb2_grpc as pb_grpc
-from jobworker.daemon import Daemon
+from jobworker.api.proto import pb, pb_grpc
+from jobworker.server.daemon import Daemon
 from jobworker.spec import MINIMAL_ENV
 from tests.conftest import open_fds, wait_for
 

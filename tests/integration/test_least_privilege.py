@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from jobworker.client import Client
-from jobworker.daemon import Daemon, serve
 from jobworker.errors import InvalidArgument
+from jobworker.server.daemon import Daemon, serve
 from tests.conftest import cgroup2_usable
 
 pki_dir = harness.pki_dir

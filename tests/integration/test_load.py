@@ -27,7 +27,7 @@ import pytest
 
 from jobworker import JobState
 from jobworker.client import Client
-from jobworker.daemon import Daemon
+from jobworker.server.daemon import Daemon
 from tests.conftest import open_fds, wait_for
 
 pki_dir, daemon = harness.pki_dir, harness.daemon

@@ -21,13 +21,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from jobworker import JobSpec
-from jobworker.api.v1 import jobworker_pb2 as pb
-from jobworker.api.v1 import jobworker_pb2_grpc as pb_grpc
-from jobworker.authz import Unauthenticated
+from jobworker.api.proto import pb, pb_grpc
 from jobworker.client import Client
-from jobworker.daemon import Daemon, serve
-from jobworker.errors import JobNotFound, JobworkerError, PermissionDenied
-from jobworker.pki import load_ca
+from jobworker.client.pki import load_ca
+from jobworker.errors import JobNotFound, JobworkerError, PermissionDenied, Unauthenticated
+from jobworker.server.daemon import Daemon, serve
 from tests.conftest import cgroup2_usable
 
 pki_dir, daemon, connect = harness.pki_dir, harness.daemon, harness.connect

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from jobworker import JobManager, JobState, Limits, LimitUnavailable
 from jobworker.client import Client
-from jobworker.daemon import main, serve
+from jobworker.server.daemon import main, serve
 from tests.conftest import cgroup2_usable, wait_for
 
 pki_dir = harness.pki_dir
@@ -43,7 +43,7 @@ async def workerd(tmp_path: Path, pki_dir: Path, cgroup_name: str) -> AsyncItera
     log = tmp_path / "workerd.log"
     with log.open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "jobworker.daemon",
+            sys.executable, "-m", "jobworker.server.daemon",
             "--pki", str(pki_dir), "--listen", "127.0.0.1:0",
             "--state-dir", str(tmp_path / "state"), "--cgroup-name", cgroup_name,
             "--stop-grace", "1", "--job-user", "root",

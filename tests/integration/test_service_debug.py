@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from jobworker.client import Client
-from jobworker.daemon import Daemon, serve
-from jobworker.debug import parse_address
 from jobworker.errors import InvalidArgument, JobNotFound
+from jobworker.server.daemon import Daemon, serve
+from jobworker.server.debug import parse_address
 from tests.conftest import cgroup2_usable
 
 pki_dir = harness.pki_dir

@@ -20,19 +20,18 @@ from pathlib import Path
 import pytest
 
 from jobworker import IOLimit, JobSpec, JobState, Limits
-from jobworker.api.errors import RemoteError
-from jobworker.api.v1 import jobworker_pb2 as pb
-from jobworker.api.v1 import jobworker_pb2_grpc as pb_grpc
+from jobworker.api.proto import pb, pb_grpc
 from jobworker.client import Client
-from jobworker.daemon import Daemon, serve
 from jobworker.errors import (
     InvalidArgument,
     JobNotFound,
     JobworkerError,
     LimitUnavailable,
+    RemoteError,
     ShuttingDown,
     SpawnError,
 )
+from jobworker.server.daemon import Daemon, serve
 from tests.conftest import cgroup2_usable, open_fds, wait_for
 
 pki_dir, daemon, connect = harness.pki_dir, harness.daemon, harness.connect

@@ -23,11 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from jobworker.api.v1 import jobworker_pb2 as pb
-from jobworker.api.v1 import jobworker_pb2_grpc as pb_grpc
-from jobworker.daemon import Daemon
-from jobworker.pki import init_pki, issue_client, load_ca, write_pair
-from jobworker.tls import CIPHER_SUITES_ENV, TLS12_SUITES, accepts_tls12
+from jobworker.api.proto import pb, pb_grpc
+from jobworker.client.pki import init_pki, issue_client, load_ca, write_pair
+from jobworker.server.daemon import Daemon
+from jobworker.server.tls13 import CIPHER_SUITES_ENV, TLS12_SUITES, accepts_tls12
 from tests.conftest import wait_for
 
 pki_dir, daemon = harness.pki_dir, harness.daemon
@@ -220,7 +219,7 @@ START_AFTER_GRPC = textwrap.dedent(
     import asyncio, sys
     import grpc  # too early: grpc reads GRPC_SSL_CIPHER_SUITES on import
     from pathlib import Path
-    from jobworker.service import JobWorkerService, start_server
+    from jobworker.server.service import JobWorkerService, start_server
     from jobworker.tls import Paths, load_server
 
     async def main():

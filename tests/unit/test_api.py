@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 # isort: off
-from jobworker import tls  # noqa: F401 - before grpc, or this process's grpc would allow TLS 1.2
+from jobworker.server import tls13  # noqa: F401 - before grpc: no TLS 1.2 in this process
 import grpc
 
 # isort: on
@@ -12,9 +12,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from jobworker.api.convert import limits_from_pb, limits_to_pb, status_from_pb, status_to_pb
-from jobworker.api.errors import ERROR_CODES, RemoteError, code_for, error_for
-from jobworker.api.v1 import jobworker_pb2 as pb
-from jobworker.authz import Unauthenticated
+from jobworker.api.errors import ERROR_CODES, code_for, error_for
+from jobworker.api.proto import pb
 from jobworker.errors import (
     HostError,
     InvalidArgument,
@@ -22,8 +21,10 @@ from jobworker.errors import (
     JobworkerError,
     LimitUnavailable,
     PermissionDenied,
+    RemoteError,
     ShuttingDown,
     SpawnError,
+    Unauthenticated,
 )
 from jobworker.limits import IOLimit, Limits
 from jobworker.spec import JobState, JobStatus, Usage

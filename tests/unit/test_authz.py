@@ -11,21 +11,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from jobworker.authz import (
+from jobworker.client.pki import init_pki, load_ca, make_ca
+from jobworker.errors import InvalidArgument, JobNotFound, PermissionDenied, Unauthenticated
+from jobworker.identity import Role
+from jobworker.server.authz import (
     MATRIX,
     Action,
     Decision,
     Identity,
     Policy,
-    Role,
-    Unauthenticated,
     authorize,
     identity_from_auth_context,
     identity_from_certificate,
     visible,
 )
-from jobworker.errors import InvalidArgument, JobNotFound, PermissionDenied
-from jobworker.pki import init_pki, load_ca, make_ca
 
 NOW = datetime.now(UTC)
 

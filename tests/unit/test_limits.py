@@ -8,18 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from jobworker.cgroup.devices import resolve_device, resolve_limits
 from jobworker.errors import InvalidArgument
-from jobworker.limits import (
-    IOLimit,
-    Limits,
-    check_caps,
-    effective_limits,
-    parse_cpu,
-    parse_io,
-    parse_rate,
-    parse_size,
-    resolve_device,
-)
+from jobworker.limits import IOLimit, Limits, parse_cpu, parse_io, parse_rate, parse_size
+from jobworker.server.policy import check_caps, effective_limits
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -240,4 +232,6 @@ def test_resolve_rejects_unknown_devices(sysfs: Path, tmp_path: Path) -> None:
 
 def test_resolved_limits(sysfs: Path) -> None:
     limits = Limits(io=(IOLimit("8:1", write_bps=MiB),), pids=5)
-    assert limits.resolved(sysfs=sysfs) == Limits(io=(IOLimit("8:0", write_bps=MiB),), pids=5)
+    assert resolve_limits(limits, sysfs=sysfs) == Limits(
+        io=(IOLimit("8:0", write_bps=MiB),), pids=5
+    )

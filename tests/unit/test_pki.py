@@ -12,8 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from jobworker.authz import Role, identity_from_certificate
-from jobworker.pki import (
+from jobworker.client.pki import (
     CertPair,
     PkiError,
     init_pki,
@@ -22,6 +21,8 @@ from jobworker.pki import (
     parse_user,
     write_pair,
 )
+from jobworker.identity import Role
+from jobworker.server.authz import identity_from_certificate
 
 NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 

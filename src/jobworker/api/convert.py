@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from jobworker.api.v1 import jobworker_pb2 as pb
+from jobworker.api.proto import pb
 from jobworker.errors import InvalidArgument
 from jobworker.limits import IOLimit, Limits
 from jobworker.spec import JobState, JobStatus, Usage

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Final
 
-from jobworker.authz import Unauthenticated
 from jobworker.errors import (
     HostError,
     InvalidArgument,
@@ -17,8 +16,10 @@ from jobworker.errors import (
     JobworkerError,
     LimitUnavailable,
     PermissionDenied,
+    RemoteError,
     ShuttingDown,
     SpawnError,
+    Unauthenticated,
 )
 
 ERROR_CODES: Final[tuple[tuple[type[JobworkerError], str], ...]] = (
@@ -37,15 +38,6 @@ _FORWARD: Final = dict(ERROR_CODES)
 _BACKWARD: Final[dict[str, type[JobworkerError]]] = {}
 for _cls, _code in ERROR_CODES:
     _BACKWARD.setdefault(_code, _cls)
-
-
-class RemoteError(JobworkerError):
-    """A status code outside :data:`ERROR_CODES` (deadline, cancellation, a transport failure
-    the daemon did not choose); ``code`` is the ``grpc.StatusCode`` name."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{message} ({code})" if message else code)
-        self.code = code
 
 
 def code_for(error: JobworkerError) -> str:

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 from jobworker.cgroup import cpu, fs, io, memory, pids
+from jobworker.cgroup.devices import resolve_device
 from jobworker.errors import HostError, InvalidArgument, LimitUnavailable
-from jobworker.limits import Limits, resolve_device
+from jobworker.limits import Limits
 from jobworker.spec import Usage
 
 WANTED = ("cpu", "memory", "io", "pids")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from jobworker.cgroup import fs
-from jobworker.limits import IOLimit, Limits, resolve_device
+from jobworker.cgroup.devices import resolve_device
+from jobworker.limits import IOLimit, Limits
 
 _KEYS = (
     ("rbps", "read_bps"),

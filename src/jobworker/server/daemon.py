@@ -20,18 +20,20 @@ from pathlib import Path
 
 import click
 
-from jobworker import service
-from jobworker.accounts import DEFAULT_JOB_ACCOUNT
-from jobworker.authz import Policy
 from jobworker.cgroup import controllers
-from jobworker.debug import DebugServer, Metrics
+from jobworker.cgroup.devices import resolve_limits
 from jobworker.errors import JobworkerError, LimitUnavailable
-from jobworker.limits import Limits, effective_limits
+from jobworker.limits import Limits
 from jobworker.manager import DEFAULT_STOP_GRACE, JobManager
+from jobworker.server import service
+from jobworker.server.accounts import DEFAULT_JOB_ACCOUNT
+from jobworker.server.authz import Policy
+from jobworker.server.debug import DebugServer, Metrics
+from jobworker.server.policy import effective_limits
 from jobworker.spec import JobState
 from jobworker.tls import Paths, load_server
 
-log = logging.getLogger("jobworker.daemon")
+log = logging.getLogger("jobworker.server.daemon")
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_STATE_DIR = Path("/var/lib/jobworker")
@@ -122,10 +124,8 @@ async def serve(config: Config) -> Daemon:
     """
     material = load_server(config.tls)
     policy = Policy.load(config.policy_file) if config.policy_file else None
-    defaults = (
-        config.default_limits.resolved() if config.default_limits.io else config.default_limits
-    )
-    caps = config.max_limits.resolved() if config.max_limits.io else config.max_limits
+    defaults = resolve_limits(config.default_limits)
+    caps = resolve_limits(config.max_limits)
     effective_limits(defaults, Limits(), caps)  # the defaults must respect the caps
     settings = service.Settings(policy, defaults, caps, config.job_account)
     # Every account the configuration names must exist (fail now, not at the first Start).

@@ -2,7 +2,7 @@
 
 Why a separate process: the daemon runs gRPC's threads, and forking a threaded process then
 running Python in the child is unsafe (grpc/grpc#17986). This process is started with a fresh
-interpreter (``python -I -S _spawner.py FD``, so it inherits no threads and imports only the
+interpreter (``python -I -S child.py FD``, so it inherits no threads and imports only the
 standard library) and never starts a thread. Either way a job is started, its first
 instruction — and every process it forks — is already inside its cgroup:
 

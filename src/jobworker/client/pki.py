@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from jobworker.authz import Role
+from jobworker.identity import Role
 
 CA_DAYS = 3650
 LEAF_DAYS = 825

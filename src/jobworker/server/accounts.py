@@ -12,7 +12,7 @@ import pwd
 from dataclasses import dataclass, field
 
 from jobworker.errors import InvalidArgument
-from jobworker.spawner import Credentials
+from jobworker.spec import Credentials
 
 DEFAULT_JOB_ACCOUNT = "nobody"
 

@@ -18,23 +18,19 @@ shutting down) is :class:`~jobworker.errors.ShuttingDown`; a code outside the ta
 
 from __future__ import annotations
 
-# isort: off
-# jobworker.tls must come first: it sets GRPC_SSL_CIPHER_SUITES, which grpc reads on import.
-from jobworker import tls
-import grpc
-from grpc import aio
-
-# isort: on
 import asyncio
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+import grpc
+from grpc import aio
+
+from jobworker import tls
 from jobworker.api import convert
-from jobworker.api.errors import RemoteError, error_for
-from jobworker.api.v1 import jobworker_pb2 as pb
-from jobworker.api.v1 import jobworker_pb2_grpc as pb_grpc
-from jobworker.errors import JobworkerError
+from jobworker.api.errors import error_for
+from jobworker.api.proto import pb, pb_grpc
+from jobworker.errors import JobworkerError, RemoteError
 from jobworker.limits import Limits
 from jobworker.spec import JobStatus
 

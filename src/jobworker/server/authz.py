@@ -22,13 +22,8 @@ from typing import Final
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from jobworker.errors import InvalidArgument, JobNotFound, PermissionDenied
-
-
-class Role(enum.StrEnum):
-    ADMIN = "admin"
-    USER = "user"
-    VIEWER = "viewer"
+from jobworker.errors import InvalidArgument, JobNotFound, PermissionDenied, Unauthenticated
+from jobworker.identity import Role
 
 
 class Action(enum.StrEnum):
@@ -46,10 +41,6 @@ class Decision(enum.Enum):
     """PERMISSION_DENIED: the caller may see the job but not do this."""
     HIDE = "hide"
     """NOT_FOUND: the caller may not know the job exists."""
-
-
-class Unauthenticated(PermissionDenied):
-    """The peer presented no usable identity (no verified certificate, or no role)."""
 
 
 _A, _D, _H = Decision.ALLOW, Decision.DENY, Decision.HIDE

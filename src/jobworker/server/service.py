@@ -1,16 +1,16 @@
 """The gRPC service: jobworker.v1.JobWorker over a :class:`~jobworker.manager.JobManager`.
 
-The only module besides :mod:`jobworker.client` that imports grpc. Every RPC goes the same way
-through :meth:`JobWorkerService._rpc`: the caller's identity from its verified certificate, the
-permission check (:mod:`jobworker.authz`), the call, and on a :mod:`jobworker.errors` error the
-status code from the one table in :mod:`jobworker.api.errors`.
+The daemon's only module that imports grpc. Every RPC goes the same way through
+:meth:`JobWorkerService._rpc`: the caller's identity from its verified certificate, the
+permission check (:mod:`jobworker.server.authz`), the call, and on a :mod:`jobworker.errors`
+error the status code from the one table in :mod:`jobworker.api.errors`.
 """
 
 from __future__ import annotations
 
 # isort: off
 # jobworker.tls must come first: it sets GRPC_SSL_CIPHER_SUITES, which grpc reads on import.
-from jobworker import tls
+from jobworker.server import tls13
 import grpc
 from grpc import aio
 
@@ -26,18 +26,26 @@ from typing import Any
 
 from google.protobuf.message import DecodeError, Message
 
-from jobworker.accounts import Accounts
 from jobworker.api import convert
 from jobworker.api.errors import code_for
-from jobworker.api.v1 import jobworker_pb2 as pb
-from jobworker.api.v1 import jobworker_pb2_grpc as pb_grpc
-from jobworker.authz import Action, Identity, Policy, authorize, identity_from_auth_context, visible
-from jobworker.debug import Metrics
+from jobworker.api.proto import pb, pb_grpc
+from jobworker.cgroup.devices import resolve_limits
 from jobworker.errors import HostError, InvalidArgument, JobworkerError
-from jobworker.limits import Limits, effective_limits
+from jobworker.limits import Limits
 from jobworker.manager import JobManager
-from jobworker.spawner import Credentials
-from jobworker.spec import JobSpec, JobState, JobStatus
+from jobworker.server.accounts import Accounts
+from jobworker.server.authz import (
+    Action,
+    Identity,
+    Policy,
+    authorize,
+    identity_from_auth_context,
+    visible,
+)
+from jobworker.server.debug import Metrics
+from jobworker.server.policy import effective_limits
+from jobworker.spec import Credentials, JobSpec, JobState, JobStatus
+from jobworker.tls import Material
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +205,7 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
             if requested.io:
                 # Caps and defaults name devices as MAJ:MIN of the whole disk: so must the
                 # request, or "/dev/sda" would slip past a cap on "8:0".
-                requested = requested.resolved()
+                requested = resolve_limits(requested)
             limits = effective_limits(
                 requested, self._settings.default_limits, self._settings.max_limits
             )
@@ -370,17 +378,17 @@ class RunningServer:
 
 
 async def start_server(
-    service: JobWorkerService, material: tls.Material, address: str
+    service: JobWorkerService, material: Material, address: str
 ) -> RunningServer:
     """Serve ``service`` on ``address`` (``HOST:PORT``; port 0 picks one) with mutual TLS.
 
     Refuses to start (:class:`HostError`) if grpc was imported before :mod:`jobworker.tls`, or if
     the listening port turns out to accept a TLS 1.2 handshake after all.
     """
-    if not tls.TLS13_ONLY:
+    if not tls13.TLS13_ONLY:
         raise HostError(
             "grpc was imported before jobworker.tls, so TLS 1.2 cannot be refused; import "
-            "jobworker.service (or jobworker.tls) before grpc"
+            "jobworker.server.service (or jobworker.server.tls13) before grpc"
         )
     server = aio.server(options=SERVER_OPTIONS)
     handlers = _method_handlers(service)
@@ -398,7 +406,7 @@ async def start_server(
     host = address.rpartition(":")[0].strip("[]")
     probe_host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     try:
-        accepted = await asyncio.to_thread(tls.accepts_tls12, probe_host, port)
+        accepted = await asyncio.to_thread(tls13.accepts_tls12, probe_host, port)
     except OSError as e:
         log.warning("could not probe %s:%d for TLS 1.2: %s", probe_host, port, e)
         accepted = False

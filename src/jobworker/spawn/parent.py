@@ -1,4 +1,5 @@
-"""Daemon side of the spawner process (see :mod:`jobworker._spawner` for why it exists)."""
+"""The daemon side of the spawner: starts the spawner process and talks to it (see
+:mod:`jobworker.spawn.child` for why it exists)."""
 
 from __future__ import annotations
 
@@ -10,23 +11,15 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobworker import _spawner
 from jobworker.errors import HostError, SpawnError
+from jobworker.spawn import child as _spawner
+from jobworker.spec import Credentials
 
 _SCRIPT = Path(_spawner.__file__)
-
-
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """Who a job runs as; ``-1`` keeps the daemon's own (root must be granted explicitly)."""
-
-    uid: int = -1
-    gid: int = -1
-    groups: tuple[int, ...] = field(default_factory=tuple)
 
 
 @dataclass(slots=True)
@@ -174,7 +167,7 @@ class Spawner:
         fast: bool,
     ) -> Spawned:
         """Start a job in the spawner (``fast``: posix_spawn from inside the job's group; see
-        :mod:`jobworker._spawner`). The fds are duplicated into the spawner; the caller keeps
+        :mod:`jobworker.spawn.child`). The fds are duplicated into the spawner; the caller keeps
         (and must close) its own."""
         if self._dead is not None:
             raise self._dead

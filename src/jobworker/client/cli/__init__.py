@@ -1,0 +1,43 @@
+"""``worker``: the command line client of workerd.
+
+Every remote command goes through :class:`jobworker.client.Client`; the CLI never talks gRPC
+itself, and imports the client (and grpc) only when a command needs the daemon, so
+``worker --help`` and shell completion start fast.
+
+Errors end the command with one line on stderr and an exit code from :class:`Exit`; the table is
+in ``worker --help``. ``wait`` and ``run`` pass the job's own exit code through (128 + N when
+signal N ended it), so for them a code in the 64-78 range may also be the job's: scripts that
+must tell the two apart read ``worker status --json``.
+
+One module per job: :mod:`.settings` (options, PKI lookup), :mod:`.session` (the reconnecting
+connection), :mod:`.render` (text and JSON), :mod:`.group` (failures to exit codes),
+:mod:`.exits` (the codes), :mod:`.app` (the root command), :mod:`.jobs`, :mod:`.certs` and
+:mod:`.completion` (the commands).
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+from jobworker.client.cli import jobs as _jobs  # noqa: F401 - registers the job commands
+from jobworker.client.cli.app import cli
+from jobworker.client.cli.certs import certs
+from jobworker.client.cli.completion import completion
+from jobworker.client.cli.exits import PROG, Exit, leave
+
+cli.add_command(certs)
+cli.add_command(completion)
+
+
+def main() -> NoReturn:
+    """The ``worker`` console script."""
+    try:
+        cli.main(prog_name=PROG)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    else:  # pragma: no cover - WorkerGroup.main always exits
+        code = 0
+    leave(code)
+
+
+__all__ = ["Exit", "cli", "main"]

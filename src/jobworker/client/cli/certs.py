@@ -1,0 +1,74 @@
+"""``worker certs``: make the CA, the server's and users' certificates, offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from jobworker.client.cli.exits import CommandExit, Exit
+from jobworker.client.cli.settings import default_pki_dirs
+
+
+@click.group()
+def certs() -> None:
+    """Make certificates for workerd and its users."""
+
+
+@certs.command(name="init")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=lambda: str(default_pki_dirs()[0]),
+    show_default="~/.config/jobworker/pki",
+    help="Where to write the PKI (created 0700).",
+)
+@click.option(
+    "--user",
+    "users",
+    multiple=True,
+    metavar="NAME:ROLE",
+    help="A user certificate to make (roles: admin, user, viewer); repeatable.  "
+    "[default for a new CA: admin:admin, alice:user, viewer:viewer]",
+)
+@click.option(
+    "--server-name",
+    multiple=True,
+    metavar="NAME",
+    help="Extra DNS name or IP for the server certificate (localhost, 127.0.0.1 and ::1 "
+    "are always in); repeatable.",
+)
+@click.option("--force", is_flag=True, help="Start over: new CA and certificates, replacing files.")
+def certs_init(
+    directory: Path, users: tuple[str, ...], server_name: tuple[str, ...], force: bool
+) -> None:
+    """Create a CA, a server certificate and user certificates (ECDSA P-256), offline.
+
+    Run again with --user to add users to an existing CA. For development and small fleets;
+    with your own CA, give workerd --ca/--cert/--key and clients certificates carrying
+    clientAuth, the identity as CN and the role as OU.
+
+    \b
+      worker certs init --dir /etc/jobworker/pki --user ops:admin --server-name worker1.example
+      workerd --pki /etc/jobworker/pki
+    """
+    from jobworker.client.pki import PkiError, init_pki, parse_user
+
+    try:
+        parsed = [parse_user(u) for u in users]
+    except PkiError as e:
+        raise click.BadParameter(str(e), param_hint="--user") from e
+    try:
+        pki = init_pki(directory, parsed, server_name, force=force)
+    except PkiError as e:
+        raise CommandExit(Exit.CONFIG, str(e)) from e
+    except OSError as e:
+        raise CommandExit(Exit.CONFIG, f"cannot write the PKI in {directory}: {e}") from e
+    click.echo(f"PKI in {pki.dir}:")
+    click.echo(f"  CA      {pki.ca.cert.name}, {pki.ca.key.name} (keep the key safe)")
+    click.echo(f"  server  {pki.server.cert.name}, {pki.server.key.name}")
+    for name, pair in pki.users.items():
+        click.echo(f"  {name:<7} {pair.cert.name}, {pair.key.name}")
+    click.echo(f"Start the daemon with: workerd --pki {pki.dir}")
+    click.echo(f"Use it with: worker --pki {pki.dir} --user NAME ...")

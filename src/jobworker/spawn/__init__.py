@@ -1,0 +1,8 @@
+"""Starting jobs: a spawner process (:mod:`~jobworker.spawn.child`) forks every job into its
+cgroup; the daemon side (:mod:`~jobworker.spawn.parent`) talks to it."""
+
+from __future__ import annotations
+
+from jobworker.spawn.parent import Spawned, Spawner, describe_wait_status
+
+__all__ = ["Spawned", "Spawner", "describe_wait_status"]
