@@ -1,7 +1,7 @@
 """jobworker: run Linux processes in their own cgroup v2, capture and stream their output.
 
 The public library API is re-exported here; the modules behind it are private machinery.
-The core (this package minus ``service``, ``client``, ``daemon``, ``cli``) does not import grpc.
+The core (this package minus ``api``, ``server`` and ``client``) does not import grpc.
 """
 
 from jobworker.errors import (
@@ -11,6 +11,7 @@ from jobworker.errors import (
     JobworkerError,
     LimitUnavailable,
     PermissionDenied,
+    ResourceExhausted,
     ShuttingDown,
     SpawnError,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "LimitUnavailable",
     "Limits",
     "PermissionDenied",
+    "ResourceExhausted",
     "ShuttingDown",
     "SpawnError",
     "Usage",

@@ -10,6 +10,8 @@
     ├── PermissionDenied                    the caller: its role forbids    PERMISSION_DENIED
     │   └── Unauthenticated                 the caller: no usable identity  UNAUTHENTICATED
     ├── LimitUnavailable                    the host: controller missing    FAILED_PRECONDITION
+    ├── ResourceExhausted                   the host: out of processes or   RESOURCE_EXHAUSTED
+    │                                       memory for now; try again
     ├── ShuttingDown                        nobody: the manager is closing  UNAVAILABLE
     │                                       (client: daemon unreachable)
     ├── HostError                           the host: cgroupfs, state dir   INTERNAL
@@ -55,6 +57,11 @@ class Unauthenticated(PermissionDenied):
 
 class LimitUnavailable(JobworkerError):
     """A requested limit needs a cgroup controller this host does not offer."""
+
+
+class ResourceExhausted(JobworkerError):
+    """The host has no room for the request right now (fork failed with EAGAIN or ENOMEM:
+    out of processes or memory); the message names the cause. Trying later may work."""
 
 
 class ShuttingDown(JobworkerError):

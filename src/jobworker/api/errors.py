@@ -17,6 +17,7 @@ from jobworker.errors import (
     LimitUnavailable,
     PermissionDenied,
     RemoteError,
+    ResourceExhausted,
     ShuttingDown,
     SpawnError,
     Unauthenticated,
@@ -30,6 +31,7 @@ ERROR_CODES: Final[tuple[tuple[type[JobworkerError], str], ...]] = (
     (Unauthenticated, "UNAUTHENTICATED"),
     (PermissionDenied, "PERMISSION_DENIED"),
     (LimitUnavailable, "FAILED_PRECONDITION"),
+    (ResourceExhausted, "RESOURCE_EXHAUSTED"),
     (ShuttingDown, "UNAVAILABLE"),
     (HostError, "INTERNAL"),
 )

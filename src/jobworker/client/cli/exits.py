@@ -20,6 +20,7 @@ from jobworker.errors import (
     LimitUnavailable,
     PermissionDenied,
     RemoteError,
+    ResourceExhausted,
     ShuttingDown,
 )
 from jobworker.spec import JobStatus
@@ -46,6 +47,8 @@ class Exit(enum.IntEnum):
     """workerd failed (a host error on its side, or an unexpected reply)."""
     JOB_LOST = 71
     """wait/run: the job has no exit status: the daemon died while it ran."""
+    RESOURCE_EXHAUSTED = 75
+    """The host has no room right now (out of processes or memory); try again later."""
     PERMISSION = 77
     """The caller's role forbids the action (e.g. a viewer starting a job)."""
     CONFIG = 78
@@ -68,6 +71,7 @@ Exit codes:
   {Exit.UNAVAILABLE}    workerd unreachable, shutting down, timed out or connection lost
   {Exit.INTERNAL}    workerd failed (host error) or replied unexpectedly
   {Exit.JOB_LOST}    wait/run: the job was lost (the daemon died while it ran)
+  {Exit.RESOURCE_EXHAUSTED}    the host has no room right now (out of processes or memory)
   {Exit.PERMISSION}    permission denied (your role forbids it)
   {Exit.CONFIG}    local configuration: certificates missing/invalid, no user
   {Exit.INTERRUPTED}   interrupted by Ctrl+C (run: detached by a second Ctrl+C)
@@ -102,6 +106,8 @@ def error_exit(e: JobworkerError, addr: str) -> CommandExit:
         return CommandExit(Exit.PERMISSION, f"permission denied: {e}")
     if isinstance(e, LimitUnavailable):
         return CommandExit(Exit.LIMIT_UNAVAILABLE, str(e))
+    if isinstance(e, ResourceExhausted):
+        return CommandExit(Exit.RESOURCE_EXHAUSTED, f"workerd's host is out of room: {e}")
     if isinstance(e, InvalidArgument):
         return CommandExit(Exit.INVALID, str(e))
     if isinstance(e, ShuttingDown):
