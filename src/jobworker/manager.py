@@ -2,7 +2,7 @@
 
 One manager owns a state directory and a group in the cgroup tree. It is asyncio-native; all
 methods must be called from the loop that opened it. Runtime handles (fds, futures, the
-supervising task) live in :class:`_Job`; callers only ever see :class:`JobStatus` snapshots.
+supervising task) live in :class:`Job`; callers only ever see :class:`JobStatus` snapshots.
 """
 
 from __future__ import annotations
@@ -12,11 +12,9 @@ import contextlib
 import logging
 import os
 import resource
-import shutil
-import signal
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,81 +26,24 @@ from jobworker.errors import (
     HostError,
     JobNotFound,
     JobworkerError,
-    LimitUnavailable,
     ShuttingDown,
-    SpawnError,
 )
-from jobworker.output import OutputPump, PumpThread, make_pipe, read_output
+from jobworker.output import PumpThread, make_pipe, read_output
+from jobworker.runtime import Job, SendSignal, run_stop
 from jobworker.spawn import Spawner, describe_wait_status
+from jobworker.spawn.lookup import resolve_command
 from jobworker.spec import Credentials, JobSpec, JobState, JobStatus, Usage
 from jobworker.store import Store
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STOP_GRACE = 2.0
-FREEZE_TIMEOUT = 1.0
-"""How long to wait for a freeze before signalling anyway (a task in D state delays it)."""
 EOF_TIMEOUT = 2.0
 """After the cgroup is empty, how long a pipe writer outside it may keep the output open."""
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-class _Job:
-    __slots__ = (
-        "ended",
-        "exit_code",
-        "group",
-        "id",
-        "pump",
-        "signal",
-        "spec",
-        "status",
-        "stop_reason",
-        "task",
-        "terminating",
-    )
-
-    def __init__(self, spec: JobSpec, status: JobStatus) -> None:
-        self.id = status.id
-        self.spec = spec
-        self.status = status
-        self.group: Path | None = None
-        self.pump: OutputPump | None = None
-        self.stop_reason: str | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.terminating: asyncio.Future[None] | None = None
-        self.ended = asyncio.Event()
-        if status.state.ended:
-            self.ended.set()
-
-    def snapshot(self) -> JobStatus:
-        """The status with the current output size. The same object while nothing changed,
-        so callers can cache what they derive from it (List converts thousands)."""
-        if self.pump is not None and self.pump.size != self.status.output_bytes:
-            self.status = replace(self.status, output_bytes=self.pump.size)
-        return self.status
-
-
-def resolve_command(argv0: str, path_var: str, cwd: str) -> str:
-    """The file execve will run, resolved the way execvp would, or a :class:`SpawnError`."""
-    if not os.path.isdir(cwd):
-        raise SpawnError(f"working directory {cwd!r} does not exist or is not a directory")
-    if "/" in argv0:
-        candidate = argv0 if argv0.startswith("/") else os.path.join(cwd, argv0)
-        if not os.path.exists(candidate):
-            raise SpawnError(f"command not found: {argv0!r} (no such file)")
-        if os.path.isdir(candidate) or not os.access(candidate, os.X_OK):
-            raise SpawnError(f"cannot execute {argv0!r}: not an executable file")
-        return candidate
-    found = shutil.which(argv0, path=path_var)
-    if found is None:
-        raise SpawnError(f"command not found: {argv0!r} (searched PATH={path_var})")
-    if not found.startswith("/"):
-        found = os.path.join(cwd, found)
-    return found
 
 
 class JobManager:
@@ -134,7 +75,8 @@ class JobManager:
         self._credentials = credentials
         self._max_log_bytes = max_log_bytes
         self._fast_spawn = False
-        self._jobs: dict[str, _Job] = {}
+        self._send_signal: SendSignal = os.kill
+        self._jobs: dict[str, Job] = {}
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._starting: set[asyncio.Future[JobStatus]] = set()
@@ -208,7 +150,7 @@ class JobManager:
 
     # -- queries ---------------------------------------------------------------------------
 
-    def _get(self, job_id: str) -> _Job:
+    def _get(self, job_id: str) -> Job:
         job = self._jobs.get(job_id)
         if job is None:
             raise JobNotFound(job_id)
@@ -264,27 +206,31 @@ class JobManager:
     async def _start(self, spec: JobSpec, creds: Credentials) -> JobStatus:
         controllers.check(spec.limits, self._available)
         env = spec.full_env()
-        path = resolve_command(spec.argv[0], env["PATH"], spec.cwd)
         job_id = str(uuid.uuid4())
-        with contextlib.ExitStack() as undo:
-            log_fd = self._store.create(job_id)
-            undo.callback(self._store.discard, job_id)
-            undo.callback(_close_quietly, log_fd)
-            group = self._tree.create(job_id)
-            undo.callback(self._tree.try_remove, group)
-            controllers.apply(group, spec.limits)
+        # Path checks, the log file, mkdir and the limit writes touch the host's filesystems:
+        # off the loop, so a hung mount stalls this start and not every other call.
+        prep = await asyncio.to_thread(self._prepare, job_id, spec, env)
+        group = prep.group
+        try:
             self._watcher.watch(group)
-            undo.callback(self._watcher.unwatch, group)
-            pipe_r, pipe_w = make_pipe()
-            undo.callback(_close_quietly, pipe_r)
-            with contextlib.ExitStack() as ours:  # the spawner gets its own copies of these
-                ours.callback(os.close, pipe_w)
-                procs_fd = open_procs(group)
-                ours.callback(os.close, procs_fd)
+            try:  # the spawner gets its own copies of these
                 spawned = await self._spawner.spawn(
-                    path, spec.argv, env, spec.cwd, procs_fd, pipe_w, creds, self._fast(spec, creds)
+                    prep.path,
+                    spec.argv,
+                    env,
+                    spec.cwd,
+                    prep.procs_fd,
+                    prep.pipe_w,
+                    creds,
+                    self._fast(spec, creds),
                 )
-            undo.pop_all()
+            finally:
+                os.close(prep.pipe_w)
+                os.close(prep.procs_fd)
+        except BaseException:
+            await self._abandon_start(job_id, prep)
+            raise
+        log_fd, pipe_r = prep.log_fd, prep.pipe_r
         status = JobStatus(
             id=job_id,
             state=JobState.RUNNING,
@@ -294,7 +240,7 @@ class JobManager:
             started_at=_now(),
             limits=spec.limits,
         )
-        job = _Job(spec, status)
+        job = Job(spec, status)
         job.group = group
         job.pump = self._pumps.add(
             log_fd, pipe_r, lambda why: self._on_output_refused(job, why), self._max_log_bytes
@@ -306,6 +252,42 @@ class JobManager:
         except HostError:
             log.exception("job %s: record not written at start", job_id)
         return status
+
+    def _prepare(self, job_id: str, spec: JobSpec, env: dict[str, str]) -> _Prepared:
+        """Everything a start needs before the spawn; all of it undone on failure."""
+        path = resolve_command(spec.argv[0], env["PATH"], spec.cwd)
+        with contextlib.ExitStack() as undo:
+            log_fd = self._store.create(job_id)
+            undo.callback(self._store.discard, job_id)
+            undo.callback(_close_quietly, log_fd)
+            group = self._tree.create(job_id)
+            undo.callback(self._tree.try_remove, group)
+            controllers.apply(group, spec.limits)
+            pipe_r, pipe_w = make_pipe()
+            undo.callback(_close_quietly, pipe_r)
+            undo.callback(_close_quietly, pipe_w)
+            procs_fd = open_procs(group)
+            undo.pop_all()
+        return _Prepared(path, log_fd, group, pipe_r, pipe_w, procs_fd)
+
+    async def _abandon_start(self, job_id: str, prep: _Prepared) -> None:
+        """Undo a start whose spawn failed. A process may already run in the group (the
+        spawner can die between its spawn and its reply): no record knows it, so it is killed
+        before the group is removed."""
+        _close_quietly(prep.log_fd)
+        _close_quietly(prep.pipe_r)
+        try:
+            if self._tree.populated(prep.group):
+                log.warning("job %s: start failed with a process in its group; killing it", job_id)
+                self._tree.kill(prep.group)
+                async with asyncio.timeout(EOF_TIMEOUT):
+                    await self._wait_empty(prep.group)
+            await self._tree.remove(prep.group)
+        except (JobworkerError, TimeoutError) as e:
+            log.error("job %s: cgroup %s of a failed start not removed: %s", job_id, prep.group, e)
+        finally:
+            self._watcher.unwatch(prep.group)
+            self._store.discard(job_id)
 
     def _fast(self, spec: JobSpec, creds: Credentials) -> bool:
         """Whether the spawner may posix_spawn from inside the job's group. Not when the job
@@ -322,16 +304,10 @@ class JobManager:
             and (limits.pids is None or limits.pids >= 2)
         )
 
-    def _on_output_refused(self, job: _Job, reason: str) -> None:
+    def _on_output_refused(self, job: Job, reason: str) -> None:
         log.warning("job %s: %s; stopping it", job.id, reason)
-        if job.stop_reason is None:
-            job.stop_reason = reason
-        self._spawn_task(self.stop(job.id, reason=reason))
-
-    def _spawn_task(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if not job.ended.is_set():
+            self._begin_stop(job, None, reason)
 
     # -- the end of a job ------------------------------------------------------------------
 
@@ -339,7 +315,7 @@ class JobManager:
         while self._tree.populated(group):
             await self._watcher.changed(group)
 
-    async def _supervise(self, job: _Job, exit_status: asyncio.Future[int]) -> None:
+    async def _supervise(self, job: Job, exit_status: asyncio.Future[int]) -> None:
         """Runs for the life of one job: a task (not a thread) woken by events only."""
         group = job.group
         assert group is not None and job.pump is not None
@@ -408,49 +384,36 @@ class JobManager:
     async def stop(
         self, job_id: str, grace: float | None = None, reason: str = "stopped on request"
     ) -> JobStatus:
-        """SIGTERM every process of the job, wait ``grace`` seconds, then ``cgroup.kill``.
+        """SIGTERM every process of the job, wait ``grace`` seconds, then ``cgroup.kill``;
+        returns the final status.
 
-        Stopping an ended job is not an error: it returns the final status.
+        Once begun, a stop runs to its end in a task of the manager's: cancelling the caller
+        only stops its waiting. A second stop joins the first (one SIGTERM round per job) and
+        can only bring the kill forward. Stopping an ended job returns its final status.
         """
         job = self._get(job_id)
-        if job.ended.is_set():
-            return job.status
-        if job.stop_reason is None:
-            job.stop_reason = reason
-        grace = self._stop_grace if grace is None else grace
-        group = job.group
-        if group is not None:
-            # One SIGTERM round per job: a second stop (a user's after a log-cap stop, or
-            # close's) waits for it instead of thawing the group under the first one.
-            if job.terminating is None:
-                job.terminating = asyncio.ensure_future(self._terminate(group))
-            # The job may end meanwhile and its group be removed under the freeze: cgroupfs
-            # then reports a file gone (LimitUnavailable) or unreadable (HostError).
-            with contextlib.suppress(HostError, LimitUnavailable):
-                await asyncio.shield(job.terminating)
-        try:
-            await asyncio.wait_for(job.ended.wait(), grace)
-        except TimeoutError:
-            if job.group is not None:
-                with contextlib.suppress(HostError, LimitUnavailable):
-                    self._tree.kill(job.group)
+        if not job.ended.is_set():
+            self._begin_stop(job, grace, reason)
             await job.ended.wait()
         return job.status
 
-    async def _terminate(self, group: Path) -> None:
-        """SIGTERM to every process in the group, frozen so none can fork or exit meanwhile
-        (no pid can be reused between reading cgroup.procs and kill)."""
-        self._tree.freeze(group, True)
-        try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(FREEZE_TIMEOUT):
-                    while self._tree.events(group).get("frozen") != 1:
-                        await self._watcher.changed(group)
-            for pid in self._tree.procs(group):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-        finally:
-            self._tree.freeze(group, False)
+    def _begin_stop(self, job: Job, grace: float | None, reason: str) -> None:
+        if job.stop_reason is None:
+            job.stop_reason = reason
+        grace = self._stop_grace if grace is None else grace
+        job.escalate_by(asyncio.get_running_loop().time() + grace)
+        if job.stopping is None:
+            job.stopping = asyncio.create_task(
+                run_stop(job, self._tree, self._watcher, self._send_signal),
+                name=f"stop {job.id}",
+            )
+            self._tasks.add(job.stopping)
+            job.stopping.add_done_callback(self._stop_done)
+
+    def _stop_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a stop failed", exc_info=task.exception())
 
     # -- recovery and shutdown -------------------------------------------------------------
 
@@ -459,7 +422,7 @@ class JobManager:
             status = record
             if record.state is JobState.RUNNING:
                 status = await self._mark_lost(spec, record)
-            self._jobs[status.id] = _Job(spec, status)
+            self._jobs[status.id] = Job(spec, status)
         # Groups with no running record: a start that crashed half-way, or a foreign leftover.
         for name in self._tree.existing():
             await self._kill_group(self._tree.group(name))
@@ -520,6 +483,16 @@ class JobManager:
 
 
 _OPEN = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    path: str
+    log_fd: int
+    group: Path
+    pipe_r: int
+    pipe_w: int
+    procs_fd: int
 
 
 def _close_quietly(fd: int) -> None:

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from jobworker.errors import InvalidArgument, SpawnError
-from jobworker.manager import resolve_command
+from jobworker.spawn.lookup import resolve_command
 from jobworker.spec import MAX_ARGV_ENV_BYTES, MINIMAL_ENV, JobSpec
 
 

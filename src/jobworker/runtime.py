@@ -1,0 +1,146 @@
+"""Runtime handles of one job (fds, futures, tasks), kept apart from the values callers see, and
+the stop procedure that runs as a task of its own once a stop has begun."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from jobworker.cgroup.tree import CgroupTree
+from jobworker.cgroup.watch import EventsWatcher
+from jobworker.errors import HostError, LimitUnavailable
+from jobworker.output import OutputPump
+from jobworker.spec import JobSpec, JobStatus
+
+log = logging.getLogger(__name__)
+
+FREEZE_TIMEOUT = 1.0
+"""How long to wait for a freeze before signalling anyway (a task in D state delays it)."""
+
+SendSignal = Callable[[int, int], None]
+"""``os.kill``: injectable, so a test can make a process refuse SIGTERM (EPERM)."""
+
+
+class Job:
+    """One job's runtime state; :meth:`snapshot` is all a caller ever sees of it."""
+
+    __slots__ = (
+        "ended",
+        "group",
+        "id",
+        "kill_at",
+        "kill_moved",
+        "pump",
+        "spec",
+        "status",
+        "stop_reason",
+        "stopping",
+        "task",
+    )
+
+    def __init__(self, spec: JobSpec, status: JobStatus) -> None:
+        self.id = status.id
+        self.spec = spec
+        self.status = status
+        self.group: Path | None = None
+        self.pump: OutputPump | None = None
+        self.stop_reason: str | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.stopping: asyncio.Task[None] | None = None
+        """The one stop procedure of this job, owned by the manager, never by a caller."""
+        self.kill_at: float | None = None
+        """Loop time at which the stop escalates to ``cgroup.kill``; only ever moves earlier."""
+        self.kill_moved = asyncio.Event()
+        self.ended = asyncio.Event()
+        if status.state.ended:
+            self.ended.set()
+
+    def snapshot(self) -> JobStatus:
+        """The status with the current output size. The same object while nothing changed,
+        so callers can cache what they derive from it (List converts thousands)."""
+        if self.pump is not None and self.pump.size != self.status.output_bytes:
+            self.status = replace(self.status, output_bytes=self.pump.size)
+        return self.status
+
+    def escalate_by(self, when: float) -> None:
+        """Have the stop reach ``cgroup.kill`` no later than loop time ``when``."""
+        if self.kill_at is None or when < self.kill_at:
+            self.kill_at = when
+            self.kill_moved.set()
+
+
+async def run_stop(job: Job, tree: CgroupTree, watcher: EventsWatcher, send: SendSignal) -> None:
+    """SIGTERM to every process, the grace period, then ``cgroup.kill``; returns when the job
+    has ended. Runs as the manager's task, so the escalation happens whatever becomes of the
+    caller that asked for the stop (cancelled, timed out, disconnected)."""
+    loop = asyncio.get_running_loop()
+    group = job.group
+    if group is not None:
+        try:
+            await _terminate(job.id, group, tree, watcher, send)
+        except (HostError, LimitUnavailable) as e:
+            # The job may end meanwhile and its group be removed under the freeze.
+            log.debug("job %s: SIGTERM round cut short: %s", job.id, e)
+    ended = asyncio.ensure_future(job.ended.wait())
+    try:
+        while not job.ended.is_set():
+            assert job.kill_at is not None, "stop() sets the deadline before starting us"
+            remaining = job.kill_at - loop.time()
+            if remaining <= 0:
+                _kill(job, tree)
+                await ended
+                break
+            job.kill_moved.clear()
+            moved = asyncio.ensure_future(job.kill_moved.wait())
+            try:
+                await asyncio.wait({ended, moved}, timeout=remaining, return_when="FIRST_COMPLETED")
+            finally:
+                moved.cancel()
+    finally:
+        ended.cancel()
+
+
+def _kill(job: Job, tree: CgroupTree) -> None:
+    group = job.group
+    if group is None:  # ended between the check and now
+        return
+    try:
+        tree.kill(group)
+    except (HostError, LimitUnavailable) as e:
+        if group.exists():
+            log.error("job %s: cgroup.kill failed: %s", job.id, e)
+
+
+async def _terminate(
+    job_id: str, group: Path, tree: CgroupTree, watcher: EventsWatcher, send: SendSignal
+) -> None:
+    """SIGTERM to every process in the group, frozen so none can fork or exit meanwhile
+    (no pid can be reused between reading cgroup.procs and kill). A process that refuses the
+    signal (EPERM: a setuid program under a non-root manager) is left to ``cgroup.kill``."""
+    tree.freeze(group, True)
+    try:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FREEZE_TIMEOUT):
+                while tree.events(group).get("frozen") != 1:
+                    await watcher.changed(group)
+        refused = 0
+        for pid in tree.procs(group):
+            try:
+                send(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                refused += 1
+        if refused:
+            log.warning(
+                "job %s: %d process(es) refused SIGTERM (EPERM); cgroup.kill after the grace",
+                job_id,
+                refused,
+            )
+    finally:
+        tree.freeze(group, False)
