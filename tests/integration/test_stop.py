@@ -14,7 +14,10 @@ from jobworker import HostError, JobManager, JobSpec, JobState
 from jobworker.client import Client
 from jobworker.server.daemon import Daemon
 from tests.conftest import wait_for
-from tests.integration.daemon_harness import Connect, connect, daemon, pki_dir  # noqa: F401
+from tests.integration import daemon_harness as harness
+
+pki_dir, daemon, connect = harness.pki_dir, harness.daemon, harness.connect
+Connect = harness.Connect
 
 # Ignores SIGTERM, and says so each time one arrives (the trap runs between the short sleeps).
 STUBBORN = ("sh", "-c", "trap 'echo got-term' TERM; echo ready; while :; do sleep 0.05; done")

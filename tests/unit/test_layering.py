@@ -69,6 +69,7 @@ def _lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
         [str(LINT_IMPORTS), "--no-cache", "--config", str(tree / "pyproject.toml")],
         cwd=tree,
         env=env,
+        check=False,
         capture_output=True,
         text=True,
         timeout=120,
