@@ -107,7 +107,7 @@ async def test_a_failed_start_kills_a_process_already_in_its_group(
         started.append(spawned.pid)
         raise HostError("the spawner died before replying")
 
-    manager._spawner.spawn = spawn_then_lose_the_reply  # type: ignore[method-assign]
+    manager._spawner.spawn = spawn_then_lose_the_reply  # type: ignore[method-assign,assignment]
     with pytest.raises(HostError, match="before replying"):
         await manager.start(JobSpec(argv=("sleep", "600")))
     (pid,) = started
