@@ -13,7 +13,7 @@ library's errors, mapped back from status codes with the same table the service 
 (:mod:`jobworker.api.errors`): :class:`~jobworker.errors.JobNotFound`,
 :class:`~jobworker.errors.PermissionDenied`, ... UNAVAILABLE (daemon down, unreachable or
 shutting down) is :class:`~jobworker.errors.ShuttingDown`; a code outside the table is
-:class:`~jobworker.api.errors.RemoteError`.
+:class:`~jobworker.errors.RemoteError`.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class Client:
 
     async def close(self) -> None:
         """Cancel open :meth:`logs` streams (their iterators raise
-        :class:`~jobworker.api.errors.RemoteError` ``CANCELLED``) and close the connection."""
+        :class:`~jobworker.errors.RemoteError` ``CANCELLED``) and close the connection."""
         self._closed = True
         for call in list(self._streams):
             call.cancel()

@@ -7,7 +7,7 @@ Layout of a PKI directory::
     NAME.pem, NAME-key.pem        one per user (clientAuth; CN=NAME, OU=ROLE)
 
 All keys are ECDSA P-256: grpcio's BoringSSL does not accept Ed25519 certificates, and the TLS
-setup in :mod:`jobworker.tls` relies on the server key being ECDSA. Keys are written 0600.
+setup in :mod:`jobworker.server.tls13` relies on the server key being ECDSA. Keys are written 0600.
 
 Using your own CA instead: give the daemon ``--ca/--cert/--key``; client certificates must chain
 to that CA, carry the clientAuth extended key usage, the identity in the subject's common name
