@@ -1,8 +1,8 @@
 """Authorization over the wire: the whole role x own/other x RPC matrix as one parametrized
 test, identities that cannot be spoofed with metadata, and certificates without a role.
 
-The expected outcomes are written out here independently of :data:`jobworker.server.authz.MATRIX`, so
-a wrong entry in the code's table fails this test."""
+The expected outcomes are written out here independently of
+:data:`jobworker.server.authz.MATRIX`, so a wrong entry in the code's table fails this test."""
 
 from __future__ import annotations
 

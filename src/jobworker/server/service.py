@@ -382,8 +382,9 @@ async def start_server(
 ) -> RunningServer:
     """Serve ``service`` on ``address`` (``HOST:PORT``; port 0 picks one) with mutual TLS.
 
-    Refuses to start (:class:`HostError`) if grpc was imported before :mod:`jobworker.server.tls13`, or if
-    the listening port turns out to accept a TLS 1.2 handshake after all.
+    Refuses to start (:class:`HostError`) if grpc was imported before
+    :mod:`jobworker.server.tls13`, or if the listening port turns out to accept a TLS 1.2
+    handshake after all.
     """
     if not tls13.TLS13_ONLY:
         raise HostError(
