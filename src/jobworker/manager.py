@@ -14,6 +14,7 @@ import os
 import resource
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +30,8 @@ from jobworker.errors import (
     ShuttingDown,
 )
 from jobworker.output import PumpThread, make_pipe, read_output
-from jobworker.runtime import Job, SendSignal, run_stop
+from jobworker.recovery import recover
+from jobworker.runtime import Job, SendSignal, run_stop, wait_empty
 from jobworker.spawn import Spawner, describe_wait_status
 from jobworker.spawn.lookup import resolve_command
 from jobworker.spec import Credentials, JobSpec, JobState, JobStatus, Usage
@@ -76,6 +78,8 @@ class JobManager:
         self._max_log_bytes = max_log_bytes
         self._fast_spawn = False
         self._send_signal: SendSignal = os.kill
+        self._host_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobworker-start")
+        self._host_io.submit(int).result()  # start its thread now, not in the first start
         self._jobs: dict[str, Job] = {}
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -131,7 +135,9 @@ class JobManager:
                 credentials=credentials or Credentials(),
                 max_log_bytes=max_log_bytes,
             )
-            await self._recover()
+            undo.callback(self._host_io.shutdown)
+            for spec, status in await recover(store, tree, watcher):
+                self._jobs[status.id] = Job(spec, status)
             self._fast_spawn = await _give_spawner_its_home(spawner)
             undo.pop_all()
         return self
@@ -209,7 +215,9 @@ class JobManager:
         job_id = str(uuid.uuid4())
         # Path checks, the log file, mkdir and the limit writes touch the host's filesystems:
         # off the loop, so a hung mount stalls this start and not every other call.
-        prep = await asyncio.to_thread(self._prepare, job_id, spec, env)
+        prep = await asyncio.get_running_loop().run_in_executor(
+            self._host_io, self._prepare, job_id, spec, env
+        )
         group = prep.group
         try:
             self._watcher.watch(group)
@@ -281,7 +289,7 @@ class JobManager:
                 log.warning("job %s: start failed with a process in its group; killing it", job_id)
                 self._tree.kill(prep.group)
                 async with asyncio.timeout(EOF_TIMEOUT):
-                    await self._wait_empty(prep.group)
+                    await wait_empty(self._tree, self._watcher, prep.group)
             await self._tree.remove(prep.group)
         except (JobworkerError, TimeoutError) as e:
             log.error("job %s: cgroup %s of a failed start not removed: %s", job_id, prep.group, e)
@@ -311,10 +319,6 @@ class JobManager:
 
     # -- the end of a job ------------------------------------------------------------------
 
-    async def _wait_empty(self, group: Path) -> None:
-        while self._tree.populated(group):
-            await self._watcher.changed(group)
-
     async def _supervise(self, job: Job, exit_status: asyncio.Future[int]) -> None:
         """Runs for the life of one job: a task (not a thread) woken by events only."""
         group = job.group
@@ -333,7 +337,7 @@ class JobManager:
             # A job has ended when its cgroup is empty: kill what the main process left behind.
             if self._tree.populated(group):
                 self._tree.kill(group)
-                await self._wait_empty(group)
+                await wait_empty(self._tree, self._watcher, group)
         except JobworkerError as e:  # HostError, or LimitUnavailable: no cgroup.kill (< 5.14)
             log.exception("job %s: killing what is left failed", job.id)
             reason = reason or str(e)
@@ -417,43 +421,6 @@ class JobManager:
 
     # -- recovery and shutdown -------------------------------------------------------------
 
-    async def _recover(self) -> None:
-        for spec, record in self._store.load_all():
-            status = record
-            if record.state is JobState.RUNNING:
-                status = await self._mark_lost(spec, record)
-            self._jobs[status.id] = Job(spec, status)
-        # Groups with no running record: a start that crashed half-way, or a foreign leftover.
-        for name in self._tree.existing():
-            await self._kill_group(self._tree.group(name))
-
-    async def _kill_group(self, group: Path) -> None:
-        self._watcher.watch(group)
-        try:
-            if self._tree.populated(group):
-                self._tree.kill(group)
-                await self._wait_empty(group)
-        finally:
-            self._watcher.unwatch(group)
-        await self._tree.remove(group)
-
-    async def _mark_lost(self, spec: JobSpec, status: JobStatus) -> JobStatus:
-        group = self._tree.group(status.id)
-        if group.exists():
-            await self._kill_group(group)
-        size = 0
-        with contextlib.suppress(OSError):
-            size = self._store.log_path(status.id).stat().st_size
-        lost = replace(
-            status,
-            state=JobState.LOST,
-            ended_at=_now(),
-            reason="the daemon stopped while the job was running; killed at restart",
-            output_bytes=size,
-        )
-        self._store.save(spec, lost)
-        return lost
-
     async def close(self) -> None:
         """Stop every running job, remove their cgroups and stop the spawner. Logs and records
         stay. Idempotent."""
@@ -472,6 +439,7 @@ class JobManager:
         self._watcher.close()
         await self._pumps.close()
         await self._spawner.close()
+        self._host_io.shutdown(wait=True)
         self._tree.teardown()
         self._store.close()
 

@@ -144,3 +144,9 @@ async def _terminate(
             )
     finally:
         tree.freeze(group, False)
+
+
+async def wait_empty(tree: CgroupTree, watcher: EventsWatcher, group: Path) -> None:
+    """Return once ``group`` has no process left (woken by its ``cgroup.events``)."""
+    while tree.populated(group):
+        await watcher.changed(group)
