@@ -23,7 +23,7 @@ class OverflowingInotify:
         self.overflows = 0
 
     def fileno(self) -> int:
-        return self._real.fileno()
+        return int(self._real.fileno())
 
     def add_watch(self, path: str | Path, mask: int) -> int:
         return int(self._real.add_watch(path, mask))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -38,10 +39,8 @@ class FakeInotify:
         os.write(self._w, b"x")
 
     def read(self, timeout: int | None = None) -> list[Event]:
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.read(self._r, 4096)
-        except BlockingIOError:
-            pass
         events, self._queue = self._queue, []
         return events
 
@@ -86,7 +85,7 @@ async def test_queue_overflow_wakes_every_waiter(fake: tuple[FakeInotify, Events
     await asyncio.sleep(0)
     # The kernel dropped the MODIFY events and queued one overflow (wd -1) instead.
     ino.deliver(Event(wd=-1, mask=flags.Q_OVERFLOW, cookie=0, name=""))
-    done, pending = await asyncio.wait(waits, timeout=5)
+    _, pending = await asyncio.wait(waits, timeout=5)
     assert pending == set()
     assert watcher.overflows == 1
     for g in groups:

@@ -30,7 +30,7 @@ def _gone(group: Path, name: str, doing: str) -> GroupGone:
     return GroupGone(f"cannot {doing} {group / name}: the cgroup {group} no longer exists")
 
 
-def _missing_file(group: Path, name: str) -> HostError:
+def _missing_file(group: Path, name: str) -> HostError | LimitUnavailable:
     """The error for a file absent from a group that exists."""
     if name.startswith("cgroup."):
         since = KERNEL_FEATURES.get(name)
