@@ -15,6 +15,7 @@
     ├── ShuttingDown                        nobody: the manager is closing  UNAVAILABLE
     │                                       (client: daemon unreachable)
     ├── HostError                           the host: cgroupfs, state dir   INTERNAL
+    │   └── GroupGone                       the host: the cgroup vanished   INTERNAL
     ├── ConfigError                         the local user: certificates,   (client only)
     │                                       keys, settings, PKI files
     └── RemoteError                         the transport or the daemon:    any other code
@@ -73,6 +74,12 @@ class HostError(JobworkerError):
 
     The message names the path and value involved; the OS error is kept as ``__cause__``.
     """
+
+
+class GroupGone(HostError):
+    """The cgroup directory itself no longer exists (the job ended and its group was removed,
+    or someone else removed it): not a missing controller, which is :class:`LimitUnavailable`.
+    The message names the group."""
 
 
 class ConfigError(JobworkerError):
