@@ -202,6 +202,8 @@ class Spawner:
         """Close the socket (the spawner exits on EOF) and reap it. Pending requests fail."""
         self._fail(HostError("the spawner was closed"))
         self._sock.close()
+        if self._proc.returncode is not None:
+            return  # reaped already (a second close): the pid may belong to someone else now
         try:
             pidfd = os.pidfd_open(self._proc.pid)
         except ProcessLookupError:
