@@ -20,7 +20,9 @@ Wire format on the stream socket, both ways: 4-byte big-endian length + a ``mars
 Requests: ``("spawn", req_id, path, argv, env, cwd, uid, gid, groups, fast)`` with two fds
 attached (cgroup.procs of the job's group, the write end of its output pipe); ``("home",)`` with
 the spawner's own cgroup.procs attached (needed by the fast path).
-Replies: ``("ok", req_id, pid)`` or ``("err", req_id, errno, stage)``;
+Replies: ``("ok", req_id, pid)`` or ``("err", req_id, errno, stage)`` (stage: where it failed:
+``pipe``, ``fork``, ``cgroup``, ``setsid``, ``stdio``, ``credentials``, ``cwd``, ``exec`` or
+``posix_spawn``; a failed start never ends the spawner);
 events: ``("exit", pid, status)``.
 
 This file must import nothing from jobworker: it runs as a plain script.
@@ -148,7 +150,8 @@ class Spawner:
             try:
                 stage = "cwd"
                 os.chdir(cwd)
-                stage = "exec"
+                # posix_spawn reports the clone's error (EAGAIN, ENOMEM) and the exec's alike.
+                stage = "posix_spawn"
                 pid = os.posix_spawn(
                     path,
                     argv,
@@ -178,9 +181,17 @@ class Spawner:
         """fork, then in the child: into the job's group, session, stdio, cwd, credentials,
         exec. Safe here because this process never runs a thread."""
         _op, req_id, path, argv, env, cwd, uid, gid, groups, _fast = msg
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        # Out of processes or memory (EAGAIN, ENOMEM: a fork bomb on a host without a pids
+        # controller) fails this one start; the spawner keeps serving.
         try:
-            pid = os.fork()
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        except OSError as e:
+            return ("err", req_id, e.errno or errno.EIO, "pipe")
+        try:
+            try:
+                pid = os.fork()
+            except OSError as e:
+                return ("err", req_id, e.errno or errno.EIO, "fork")
             if pid == 0:
                 self._child(procs_fd, out_fd, err_w, path, argv, env, cwd, uid, gid, groups)
             os.close(err_w)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import errno
 import marshal
 import os
 import socket
@@ -15,11 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobworker.errors import HostError, SpawnError
+from jobworker.errors import HostError, ResourceExhausted, SpawnError
 from jobworker.spawn import child as _spawner
 from jobworker.spec import Credentials
 
 _SCRIPT = Path(_spawner.__file__)
+
+
+# What a failed stage was doing, for the message of an out-of-processes-or-memory error.
+_STAGE_ACTION = {
+    "pipe": "pipe2",
+    "fork": "fork",
+    "posix_spawn": "posix_spawn",
+    "exec": "exec",
+}
+_EXHAUSTED = {errno.EAGAIN: "out of processes", errno.ENOMEM: "out of memory"}
 
 
 @dataclass(slots=True)
@@ -45,7 +56,13 @@ class Spawner:
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
     @classmethod
-    async def start(cls) -> Spawner:
+    async def start(cls, *, _test_options: dict[str, Any] | None = None) -> Spawner:
+        """Start the spawner process.
+
+        ``_test_options``: a test hook, extra :class:`subprocess.Popen` arguments (e.g.
+        ``user=``, so that RLIMIT_NPROC, which root ignores, can make the spawner's fork fail
+        for real). Nothing else passes it.
+        """
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = subprocess.Popen(  # noqa: ASYNC220 - once per manager, vfork+exec
@@ -53,6 +70,7 @@ class Spawner:
                 pass_fds=[child.fileno()],
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
+                **(_test_options or {}),
             )
         except OSError as e:
             parent.close()
@@ -104,7 +122,12 @@ class Spawner:
             return
         reason = os.strerror(err)
         exc: Exception
-        if stage == "exec":
+        if err in _EXHAUSTED and stage in _STAGE_ACTION:
+            exc = ResourceExhausted(
+                f"cannot start the job: {_STAGE_ACTION[stage]} failed: {reason} "
+                f"({errno.errorcode[err]}: {_EXHAUSTED[err]})"
+            )
+        elif stage in ("exec", "posix_spawn"):
             exc = SpawnError(f"cannot execute the command: {reason}")
         elif stage == "cwd":
             exc = SpawnError(f"cannot change to the working directory: {reason}")
