@@ -1,9 +1,11 @@
 """The spawner under faults: a fork that fails for want of processes fails that one start and
-the spawner keeps serving."""
+the spawner keeps serving; signals to the daemon's process group do not reach it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import resource
 import shutil
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from jobworker import ResourceExhausted
+from jobworker import JobManager, ResourceExhausted
 from jobworker.cgroup.discovery import own_cgroup_dir
 from jobworker.cgroup.tree import CgroupTree, open_procs
 from jobworker.spawn import Spawned, Spawner, describe_wait_status
@@ -159,3 +161,81 @@ async def test_a_fork_out_of_processes_fails_that_start_and_the_spawner_keeps_se
     finally:
         await spawner.close()
     assert open_fds() == fds_before
+
+
+# -- its own session ------------------------------------------------------------------------
+
+
+async def test_the_spawner_has_a_session_and_process_group_of_its_own(
+    manager: JobManager,
+) -> None:
+    pid = manager.spawner_pid
+    assert os.getsid(pid) == pid
+    assert os.getpgid(pid) == pid
+    assert os.getsid(pid) != os.getsid(0)
+    assert os.getpgid(pid) != os.getpgid(0)
+
+
+# The daemon's part, in a process of its own: a manager with a running job, and handlers for
+# SIGTERM and SIGHUP that stop it gracefully (as the daemon does).
+DAEMON = """
+import asyncio, json, signal, sys
+from pathlib import Path
+from jobworker import JobManager, JobSpec
+
+async def main(state, name):
+    loop = asyncio.get_running_loop()
+    got = asyncio.Event()
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(s, got.set)
+    mgr = await JobManager.open(Path(state), cgroup_name=name, stop_grace=10.0)
+    try:
+        st = await mgr.start(JobSpec(argv=("sleep", "1000")))
+        print(json.dumps({"spawner": mgr.spawner_pid, "job": st.pid}), flush=True)
+        await got.wait()
+    finally:
+        await mgr.close()
+    final = mgr.status(st.id)
+    print(json.dumps({"signal": final.signal, "reason": final.reason}), flush=True)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+async def test_a_signal_to_the_daemons_process_group_leaves_the_graceful_stop_in_charge(
+    tmp_path: Path, cgroup_name: str, sig: signal.Signals
+) -> None:
+    reason = cgroup2_usable()
+    if reason:
+        pytest.skip(reason)
+    state = tmp_path / "state"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        DAEMON,
+        str(state),
+        cgroup_name,
+        stdout=asyncio.subprocess.PIPE,
+        start_new_session=True,  # its own group, so the test signals that group, not pytest
+    )
+    assert proc.stdout is not None
+    try:
+        json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))  # the job is running
+        os.killpg(proc.pid, sig)
+        ended = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        # The spawner lived through the signal: it saw the job die of the graceful stop's
+        # SIGTERM and reported it (a dead spawner leaves the exit status unknowable).
+        assert ended == {"signal": signal.SIGTERM, "reason": "stopped: the job manager shut down"}
+        assert os.getpgid(0) != proc.pid  # (the signal went to the daemon's group, not ours)
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        # Whatever the daemon left (if it failed), a manager on the same state recovers: it
+        # kills leftover jobs' groups and removes them.
+        mgr = await JobManager.open(state, cgroup_name=cgroup_name)
+        parent = mgr.cgroup_parent
+        await mgr.close()
+    assert not parent.exists()

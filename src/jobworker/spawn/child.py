@@ -273,6 +273,8 @@ def main(fd: int) -> None:
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     # The daemon's terminal signals are not ours: it tells us to stop by closing the socket.
+    # (We also run in a session of our own, so signals sent to the daemon's process group,
+    # SIGTERM or SIGHUP, do not reach us; SIGINT stays ignored for a spawner started without.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     spawner.reset_signals = _ignored_signals()
     reader = Reader(sock)

@@ -41,7 +41,12 @@ class Spawned:
 
 
 class Spawner:
-    """One spawner process per manager; safe to use from a process running threads."""
+    """One spawner process per manager; safe to use from a process running threads.
+
+    The spawner runs in a session (and so a process group) of its own: SIGTERM, SIGHUP or
+    SIGINT sent to the daemon's group do not reach it, and the daemon's graceful stop stays in
+    charge of the jobs.
+    """
 
     def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
         self._proc = proc
@@ -70,6 +75,10 @@ class Spawner:
                 pass_fds=[child.fileno()],
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
+                # Out of the daemon's process group: a signal to that group (Ctrl+C, a
+                # service manager's SIGTERM or SIGHUP) must not kill every job's parent at
+                # once, bypassing the graceful stop. Jobs get sessions of their own anyway.
+                start_new_session=True,
                 **(_test_options or {}),
             )
         except OSError as e:
