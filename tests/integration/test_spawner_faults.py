@@ -1,10 +1,12 @@
 """The spawner under faults: a fork that fails for want of processes fails that one start and
-the spawner keeps serving; signals to the daemon's process group do not reach it."""
+the spawner keeps serving; signals to the daemon's process group do not reach it; its death
+fails what is in flight with :class:`SpawnerDied` (promptly) and leaves its jobs running."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import resource
@@ -21,9 +23,11 @@ import pytest
 from jobworker import JobManager, ResourceExhausted
 from jobworker.cgroup.discovery import own_cgroup_dir
 from jobworker.cgroup.tree import CgroupTree, open_procs
-from jobworker.spawn import Spawned, Spawner, describe_wait_status
+from jobworker.spawn import Spawned, Spawner, SpawnerDied, describe_wait_status
 from jobworker.spec import Credentials
 from tests.conftest import cgroup2_usable, open_fds, wait_for
+
+PR_SET_CHILD_SUBREAPER = 36
 
 
 @pytest.fixture
@@ -45,6 +49,18 @@ async def tree(cgroup_name: str) -> AsyncIterator[CgroupTree]:
             await t.remove(group)
         t.teardown()
     assert not t.parent.exists()
+
+
+@pytest.fixture
+def subreaper() -> Iterator[None]:
+    """Make this process the subreaper of the spawner's orphans (for the test's length), so a
+    test can see where a dead spawner's jobs went and reap them itself."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 def empty(group: Path) -> bool:
@@ -119,6 +135,13 @@ async def give_home(spawner: Spawner) -> None:
         os.close(fd)
 
 
+def proc_state(pid: int) -> tuple[str, int]:
+    """(state letter, parent pid) from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return fields[0], int(fields[1])
+
+
 # -- out of processes ---------------------------------------------------------------------
 
 
@@ -161,6 +184,20 @@ async def test_a_fork_out_of_processes_fails_that_start_and_the_spawner_keeps_se
     finally:
         await spawner.close()
     assert open_fds() == fds_before
+
+
+async def test_spawner_gone_raises_spawner_died_on_the_next_spawn(tree: CgroupTree) -> None:
+    spawner = await Spawner.start()
+    try:
+        os.kill(spawner.pid, signal.SIGKILL)
+        died = await asyncio.wait_for(spawner.wait_dead(), 10)
+        assert isinstance(died, SpawnerDied)
+        assert not spawner.alive
+        with pytest.raises(SpawnerDied):
+            await spawn(spawner, tree.create("late"), "/bin/true")
+    finally:
+        await spawner.close()
+    assert tree.procs(tree.group("late")) == []
 
 
 # -- its own session ------------------------------------------------------------------------
@@ -239,3 +276,61 @@ async def test_a_signal_to_the_daemons_process_group_leaves_the_graceful_stop_in
         parent = mgr.cgroup_parent
         await mgr.close()
     assert not parent.exists()
+
+
+# -- its death --------------------------------------------------------------------------------
+
+
+async def test_when_the_spawner_dies_its_jobs_live_on_and_their_exit_status_is_spawner_died(
+    tree: CgroupTree, subreaper: None
+) -> None:
+    spawner = await Spawner.start()
+    try:
+        group = tree.create("orphan")
+        spawned = await spawn(spawner, group, "sleep", "1000")
+        assert spawner.alive
+        spawner_pid = spawner.pid
+        os.kill(spawner_pid, signal.SIGKILL)
+        with pytest.raises(SpawnerDied):
+            await asyncio.wait_for(spawned.exit_status, 10)
+        assert not spawner.alive
+        assert isinstance(await spawner.wait_dead(), SpawnerDied)
+        # The job lives on, re-parented to the nearest subreaper (this test).
+        await wait_for(
+            lambda: proc_state(spawned.pid)[1] == os.getpid(), what="the job's re-parenting"
+        )
+        assert proc_state(spawned.pid)[0] != "Z"
+        assert tree.procs(group) == [spawned.pid]
+        tree.kill(group)
+        _pid, status = os.waitpid(spawned.pid, 0)
+        assert describe_wait_status(status) == (None, signal.SIGKILL)
+    finally:
+        await spawner.close()
+
+
+async def test_a_spawn_in_flight_when_the_spawner_dies_raises_spawner_died_promptly(
+    tree: CgroupTree, subreaper: None
+) -> None:
+    # Hold the start between fork and exec: the forked child enters a frozen group and stops
+    # there, so the spawner is still waiting for it to exec when it is killed.
+    group = tree.create("frozen")
+    tree.freeze(group, True)
+    spawner = await Spawner.start()
+    try:
+        task = asyncio.create_task(spawn(spawner, group, "/bin/true"))
+        await wait_for(lambda: tree.procs(group) != [], what="the forked child in its group")
+        assert not task.done()
+        os.kill(spawner.pid, signal.SIGKILL)
+        # Promptly: the bound is a safety net (the old spawner's child held the socket open
+        # until exec, so the daemon saw no EOF and waited for ever).
+        with pytest.raises(SpawnerDied):
+            await asyncio.wait_for(task, 10)
+        assert not spawner.alive
+        (child,) = tree.procs(group)
+        # (The spawner's socket closes before its children are handed to us: wait for that.)
+        await wait_for(lambda: proc_state(child)[1] == os.getpid(), what="the re-parenting")
+        tree.kill(group)
+        _pid, status = os.waitpid(child, 0)
+        assert describe_wait_status(status) == (None, signal.SIGKILL)
+    finally:
+        await spawner.close()

@@ -1,4 +1,4 @@
-"""The spawner's error replies, without cgroups: a pipe2 or fork that fails for want of memory
+"""The spawner protocol, without cgroups: a pipe2 or fork that fails for want of memory
 or processes is one error reply (the spawner goes on), and the daemon side turns it into
 :class:`ResourceExhausted` naming the cause."""
 
@@ -17,7 +17,7 @@ from typing import cast
 import pytest
 
 from jobworker import HostError, ResourceExhausted
-from jobworker.spawn import Spawner
+from jobworker.spawn import Spawned, Spawner, SpawnerDied
 from jobworker.spawn import child as spawner_script
 from jobworker.spec import Credentials
 
@@ -137,3 +137,50 @@ async def test_other_pipe_or_fork_errors_stay_host_errors(
     script.reply("err", req[1], errno.EMFILE, "pipe")
     with pytest.raises(HostError, match=r"cannot set up the job \(pipe\): Too many open files"):
         await task
+
+
+async def test_eof_fails_requests_in_flight_and_outstanding_exits_with_spawner_died(
+    connected: tuple[Spawner, FakeScript],
+) -> None:
+    spawner, script = connected
+    first = asyncio.create_task(_start_job(spawner))
+    req = await asyncio.to_thread(script.request)
+    script.reply("ok", req[1], 4242)
+    spawned = await first
+    in_flight = asyncio.create_task(_start(spawner))
+    await asyncio.to_thread(script.request)
+    assert spawner.alive
+    script.sock.close()  # the spawner died
+    with pytest.raises(SpawnerDied, match="exited unexpectedly"):
+        await in_flight
+    with pytest.raises(SpawnerDied):
+        await spawned.exit_status
+    assert not spawner.alive
+    died = await spawner.wait_dead()
+    assert isinstance(died, SpawnerDied)
+    with pytest.raises(SpawnerDied):
+        await _start(spawner)
+    await spawner.close()  # reaping a dead spawner does not make its death a close
+    assert await spawner.wait_dead() is died
+
+
+async def test_after_close_the_spawner_is_not_alive_and_wait_dead_returns_none(
+    connected: tuple[Spawner, FakeScript],
+) -> None:
+    spawner, _script = connected
+    waiter = asyncio.create_task(spawner.wait_dead())
+    assert spawner.alive
+    await spawner.close()
+    assert not spawner.alive
+    assert await waiter is None
+    with pytest.raises(SpawnerDied, match="closed"):
+        await _start(spawner)
+
+
+async def _start_job(spawner: Spawner) -> Spawned:
+    r, w = os.pipe()
+    try:
+        return await spawner.spawn("/bin/true", ("true",), {}, "/", r, w, Credentials(), False)
+    finally:
+        os.close(r)
+        os.close(w)

@@ -224,6 +224,9 @@ class Spawner:
     ) -> None:
         stage = "cgroup"
         try:
+            # Let go of the daemon's socket at once, not at exec: should the spawner die while
+            # this child is stuck before exec (in a frozen group), the daemon still sees EOF.
+            os.close(self.sock.fileno())
             os.write(procs_fd, b"0")
             stage = "setsid"
             os.setsid()
