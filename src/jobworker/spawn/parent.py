@@ -23,21 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobworker.errors import HostError, ResourceExhausted, SpawnError
+from jobworker.errors import HostError, ResourceExhausted, SpawnerDied, SpawnError
 from jobworker.spawn import child as _spawner
 from jobworker.spec import Credentials
 
 _SCRIPT = Path(_spawner.__file__)
-
-
-class SpawnerDied(HostError):
-    """The spawner process is gone (it exited, was killed, or :meth:`Spawner.close` ended it).
-
-    Raised by a :meth:`Spawner.spawn` in flight or made afterwards (the job may or may not
-    have been started: its cgroup tells), and set on every outstanding
-    :attr:`Spawned.exit_status`: that process may still be running, re-parented to the
-    nearest subreaper or init, but its exit status cannot be known any more.
-    """
 
 
 # What a failed stage was doing, for the message of an out-of-processes-or-memory error.
