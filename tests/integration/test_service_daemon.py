@@ -6,12 +6,8 @@ from __future__ import annotations
 from tests.integration import daemon_harness as harness
 
 # isort: on
-import asyncio
 import os
-import re
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -27,50 +23,14 @@ pki_dir = harness.pki_dir
 GATED = 'echo first; while [ ! -e "$1" ]; do sleep 0.01; done; echo second'
 
 
-class Workerd:
-    def __init__(self, proc: asyncio.subprocess.Process, log: Path, port: int) -> None:
-        self.proc, self.log, self.port = proc, log, port
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+Workerd = harness.Workerd
+start_workerd = harness.start_workerd
 
 
 @pytest.fixture
 async def workerd(tmp_path: Path, pki_dir: Path, cgroup_name: str) -> AsyncIterator[Workerd]:
-    if reason := cgroup2_usable():
-        pytest.skip(reason)
-    log = tmp_path / "workerd.log"
-    with log.open("wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "jobworker.server.daemon",
-            "--pki", str(pki_dir), "--listen", "127.0.0.1:0",
-            "--state-dir", str(tmp_path / "state"), "--cgroup-name", cgroup_name,
-            "--stop-grace", "1", "--job-user", "root",
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-        )  # fmt: skip
-    port: list[int] = []
-
-    def listening() -> bool:
-        m = re.search(r"listening on \S+ \(port (\d+)\)", log.read_text())
-        if m:
-            port.append(int(m.group(1)))
-        assert proc.returncode is None, log.read_text()
-        return bool(m)
-
-    try:
-        await wait_for(listening, timeout=30, what="workerd to listen")
-        yield Workerd(proc, log, port[0])
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-        # Whatever the test did to the process, leave no job and no cgroup behind: a manager on
-        # the same state and group recovers (kills) what a killed daemon left, then removes it.
-        mgr = await JobManager.open(tmp_path / "state", cgroup_name=cgroup_name)
-        parent = mgr.cgroup_parent
-        await mgr.close()
-        assert not parent.exists()
+    async with start_workerd(tmp_path, pki_dir, cgroup_name) as w:
+        yield w
 
 
 async def test_sigterm_shuts_down_gracefully(
