@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -363,6 +364,10 @@ def main(
             debug_address=debug_addr,
         )
         asyncio.run(run(config))
+        # A failed RPC leaves reference cycles (error -> traceback -> frames -> call) holding
+        # grpc objects; left to the interpreter's exit they make grpc's shutdown take ~2 s
+        # (measured: an idle daemon that had answered one NOT_FOUND took 2.2 s to exit).
+        gc.collect()
     except JobworkerError as e:
         click.echo(f"workerd: {e}", err=True)
         sys.exit(1)
