@@ -165,3 +165,24 @@ async def test_sigterm_when_idle_exits_promptly(
     print(f"workerd {' '.join(extra)} exited {elapsed:.3f}s after SIGTERM")
     # Under 0.5 s on an idle machine (0.1 s measured); the bound leaves room for a loaded one.
     assert elapsed < 1.0, f"workerd took {elapsed:.2f}s to exit on SIGTERM when idle"
+
+
+def line_of(lines: list[str], text: str) -> int:
+    found = [i for i, line in enumerate(lines) if text in line]
+    assert len(found) == 1, (text, lines)
+    return found[0]
+
+
+async def test_the_tls12_self_probe_says_the_handshake_error_is_its_own(workerd: Workerd) -> None:
+    """grpc's C core logs the refused TLS 1.2 handshake of the start-up probe as an error line
+    of its own; the daemon's lines around it say that it is the probe, refused as it must be."""
+    lines = workerd.log.read_text().splitlines()
+    announced = line_of(lines, "TLS 1.2 self-probe of 127.0.0.1:")
+    assert "NO_SHARED_CIPHER" in lines[announced]  # names the error to expect
+    verdict = line_of(lines, "TLS 1.2 self-probe: refused as expected")
+    listening = line_of(lines, "listening on")
+    assert announced < verdict < listening
+    grpc_lines = [
+        i for i, line in enumerate(lines) if "NO_SHARED_CIPHER" in line and "self-probe" not in line
+    ]
+    assert all(i > announced for i in grpc_lines), lines

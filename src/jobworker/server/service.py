@@ -406,12 +406,25 @@ async def start_server(
     await server.start()
     host = address.rpartition(":")[0].strip("[]")
     probe_host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    # grpc's C core logs the refusal it is meant to cause ("Handshake failed ...
+    # NO_SHARED_CIPHER") on stderr, out of Python logging's reach: say around it what it is.
+    log.info(
+        "TLS 1.2 self-probe of %s:%d: a TLS 1.2 handshake that must be refused (grpc logs the "
+        "refusal as 'Handshake failed ... NO_SHARED_CIPHER')",
+        probe_host,
+        port,
+    )
     try:
         accepted = await asyncio.to_thread(tls13.accepts_tls12, probe_host, port)
     except OSError as e:
         log.warning("could not probe %s:%d for TLS 1.2: %s", probe_host, port, e)
-        accepted = False
+        accepted = None
     if accepted:
         await server.stop(None)
         raise HostError(f"{address} accepted a TLS 1.2 handshake; refusing to serve")
+    if accepted is not None:
+        log.info(
+            "TLS 1.2 self-probe: refused as expected (grpc's NO_SHARED_CIPHER 'Handshake "
+            "failed' line is this probe, not a client's failure); serving TLS 1.3 only"
+        )
     return RunningServer(server, port)
