@@ -6,9 +6,12 @@ from __future__ import annotations
 from tests.integration import daemon_harness as harness
 
 # isort: on
+import asyncio
 import os
+import re
 import signal
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -186,3 +189,14 @@ async def test_the_tls12_self_probe_says_the_handshake_error_is_its_own(workerd:
         i for i, line in enumerate(lines) if "NO_SHARED_CIPHER" in line and "self-probe" not in line
     ]
     assert all(i > announced for i in grpc_lines), lines
+
+
+async def test_the_debug_endpoint_logs_its_address(
+    tmp_path: Path, pki_dir: Path, cgroup_name: str
+) -> None:
+    async with start_workerd(tmp_path, pki_dir, cgroup_name, "--debug-addr", "127.0.0.1:0") as w:
+        m = re.search(r"debug endpoint on http://127\.0\.0\.1:(\d+)/ ", w.log.read_text())
+        assert m, w.log.read_text()
+        url = f"http://127.0.0.1:{m[1]}/metrics"
+        with await asyncio.to_thread(urllib.request.urlopen, url, timeout=10) as answer:
+            assert b"jobworker_jobs" in answer.read()

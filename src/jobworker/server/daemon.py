@@ -160,6 +160,10 @@ async def serve(config: Config) -> Daemon:
             metrics.observe_jobs(lambda: endpoint.on_loop(list_states))
             endpoint.start(config.debug_address)
             undo.callback(endpoint.close)
+            log.info(
+                "debug endpoint on %s (metrics, debug/stacks, debug/profile, debug/heap)",
+                endpoint.url,
+            )
         servicer = service.JobWorkerService(manager, settings, metrics)
         server = await service.start_server(servicer, material, config.listen)
         undo.pop_all()

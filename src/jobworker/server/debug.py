@@ -255,6 +255,13 @@ class DebugServer:
         assert self._httpd is not None
         return self._httpd.server_address[1]
 
+    @property
+    def url(self) -> str:
+        """Where it serves, e.g. ``http://127.0.0.1:6060/``."""
+        assert self._httpd is not None
+        host = str(self._httpd.server_address[0])
+        return f"http://[{host}]:{self.port}/" if ":" in host else f"http://{host}:{self.port}/"
+
     def start(self, address: str) -> None:
         host, port = parse_address(address)
         server_class = _HTTPServer6 if ":" in host else _HTTPServer
