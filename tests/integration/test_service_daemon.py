@@ -200,3 +200,23 @@ async def test_the_debug_endpoint_logs_its_address(
         url = f"http://127.0.0.1:{m[1]}/metrics"
         with await asyncio.to_thread(urllib.request.urlopen, url, timeout=10) as answer:
             assert b"jobworker_jobs" in answer.read()
+
+
+async def test_caps_the_host_cannot_enforce_stop_the_daemon(
+    tmp_path: Path, pki_dir: Path, cgroup_name: str
+) -> None:
+    """A --max-* cap is applied to every job, so a cap on a missing controller would make every
+    Start fail: like a default, it must stop the daemon at start-up instead."""
+    if reason := cgroup2_usable():
+        pytest.skip(reason)
+    probe = await JobManager.open(tmp_path / "probe", cgroup_name=cgroup_name + "-probe")
+    available = probe.available_controllers
+    await probe.close()
+    if "pids" in available:
+        pytest.skip("this host can enforce pids limits")
+    config = harness.make_config(
+        tmp_path / "state", pki_dir, cgroup_name, max_limits=Limits(pids=64)
+    )
+    with pytest.raises(LimitUnavailable, match=r"caps \(--max-\*\) cannot be enforced.*'pids'"):
+        await serve(config)
+    assert not (probe.cgroup_parent.parent / cgroup_name).exists()

@@ -143,13 +143,16 @@ async def serve(config: Config) -> Daemon:
             stop_grace=config.stop_grace,
         )
         undo.push_async_callback(manager.close)
-        try:
-            controllers.check(defaults, manager.available_controllers)
-        except LimitUnavailable as e:
-            raise LimitUnavailable(
-                f"the default limits cannot be enforced on this host, so the daemon will not "
-                f"start (drop them or run on a host that delegates the controller): {e}"
-            ) from e
+        # Both are applied to jobs (a cap is also the limit of a job that asks for nothing):
+        # one the host cannot enforce would make every Start fail, so refuse to start instead.
+        for what, limits in (("default limits", defaults), ("limit caps (--max-*)", caps)):
+            try:
+                controllers.check(limits, manager.available_controllers)
+            except LimitUnavailable as e:
+                raise LimitUnavailable(
+                    f"the {what} cannot be enforced on this host, so the daemon will not "
+                    f"start (drop them or run on a host that delegates the controller): {e}"
+                ) from e
 
         async def list_states() -> list[JobState]:
             return [s.state for s in manager.list()]
