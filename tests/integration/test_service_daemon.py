@@ -10,6 +10,8 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -220,3 +222,40 @@ async def test_caps_the_host_cannot_enforce_stop_the_daemon(
     with pytest.raises(LimitUnavailable, match=r"caps \(--max-\*\) cannot be enforced.*'pids'"):
         await serve(config)
     assert not (probe.cgroup_parent.parent / cgroup_name).exists()
+
+
+async def test_log_readers_leaving_early_leave_no_traceback(
+    workerd: Workerd, pki_dir: Path, tmp_path: Path
+) -> None:
+    """``worker logs ID | head``: the reader goes away while the daemon is writing to its
+    stream. That is normal; the daemon must not log it as a failure (grpc logged
+    ``ExecuteBatchError`` with a traceback when the write failed before it had noticed the
+    cancellation: a race, so it is run many times)."""
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom(8 << 20))
+    worker = Path(sys.executable).parent / "worker"
+    env = {**os.environ, "WORKER_ADDR": workerd.address, "WORKER_PKI": str(pki_dir)}
+    env["WORKER_USER"] = "alice"
+    async with Client.from_pki(workerd.address, pki_dir, "alice") as c:
+        st = await c.start(["cat", str(blob)])
+        assert (await c.wait(st.id)).exit_code == 0
+
+        async def head(follow: bool) -> bytes:
+            reader = await asyncio.create_subprocess_shell(
+                f"{worker} logs {'-f ' if follow else ''}{st.id} | head -c 1000",
+                stdout=subprocess.PIPE,
+                env=env,
+            )
+            return (await reader.communicate())[0]
+
+        for _ in range(6):
+            outs = await asyncio.gather(*(head(follow) for follow in (False, True) * 2))
+            assert outs == [blob.read_bytes()[:1000]] * 4
+        # Still serving, and a whole read still gets every byte.
+        got = b"".join([data async for _, data in c.logs(st.id)])
+        assert got == blob.read_bytes()
+    workerd.proc.send_signal(signal.SIGTERM)
+    assert await workerd.proc.wait() == 0
+    text = workerd.log.read_text()
+    assert "Traceback" not in text, text
+    assert "ExecuteBatchError" not in text, text
