@@ -481,6 +481,22 @@ async def test_error_daemon_unavailable(W: Worker) -> None:
     assert one_error_line(result).startswith(f"worker: cannot reach workerd at 127.0.0.1:{port}")
 
 
+@pytest.mark.parametrize("addr", ["nonsense", "no-such-host.invalid:50051"])
+async def test_error_address_that_does_not_resolve(env: Env, addr: str) -> None:
+    # A real process: grpc's C core writes to fd 2 directly, which CliRunner would not see.
+    proc = await asyncio.create_subprocess_exec(
+        WORKER, "--addr", addr, "list", stderr=asyncio.subprocess.PIPE, env=subprocess_env(env)
+    )
+    _, stderr = await proc.communicate()
+    assert proc.returncode == Exit.UNAVAILABLE
+    [line] = stderr.decode().splitlines()
+    host = addr.rpartition(":")[0] or addr
+    assert (
+        line
+        == f"worker: cannot reach workerd at {addr}: the host name {host!r} could not be resolved"
+    )
+
+
 async def test_error_certificate_from_another_ca_is_refused(env: Env, tmp_path: Path) -> None:
     init_pki(tmp_path / "other", [("alice", "user")])
     # A real process: grpc's C core writes to fd 2 directly, which CliRunner would not see.
