@@ -629,3 +629,20 @@ async def test_spec_roundtrip_through_api(daemon: Daemon, connect: Connect) -> N
     assert daemon.manager.spec(st.id) == JobSpec(
         argv=("env",), env={"A": "1"}, cwd="/tmp", owner="alice"
     )
+
+
+async def test_a_pids_limit_of_one(daemon: Daemon, connect: Connect) -> None:
+    """The smallest task limit through the daemon: it runs (forked, see test_spawn_paths), or
+    where the host has no pids controller it is refused (FAILED_PRECONDITION) before anything
+    is created."""
+    client = connect("alice")
+    if "pids" in daemon.manager.available_controllers:
+        st = await client.start(["true"], limits=Limits(pids=1))
+        assert st.limits.pids == 1
+        assert (await client.wait(st.id)).exit_code == 0
+        return
+    with pytest.raises(LimitUnavailable, match="'pids' controller"):
+        await client.start(["true"], limits=Limits(pids=1))
+    assert await client.list(all=True) == []
+    assert daemon.manager.list() == []
+    assert [p for p in daemon.manager.cgroup_parent.iterdir() if p.is_dir()] == []
