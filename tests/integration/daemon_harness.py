@@ -10,17 +10,22 @@ import grpc
 
 # isort: on
 import asyncio
+import contextlib
+import re
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
+from jobworker import JobManager
 from jobworker.client import Client
 from jobworker.client.pki import init_pki
 from jobworker.server.daemon import Config, Daemon, serve
 from jobworker.tls import Paths
-from tests.conftest import cgroup2_usable
+from tests.conftest import cgroup2_usable, wait_for
 from tests.conftest import new_threads as new_threads  # noqa: PLC0414 - re-exported for tests
 
 USERS = [("root", "admin"), ("alice", "user"), ("bob", "user"), ("vera", "viewer")]
@@ -93,3 +98,53 @@ def channel(port: int, ca: bytes, key: bytes | None, cert: bytes | None) -> grpc
     """A raw channel with arbitrary (possibly wrong) client credentials."""
     creds = grpc.ssl_channel_credentials(ca, key, cert)
     return grpc.aio.secure_channel(f"127.0.0.1:{port}", creds)
+
+
+class Workerd:
+    def __init__(self, proc: asyncio.subprocess.Process, log: Path, port: int) -> None:
+        self.proc, self.log, self.port = proc, log, port
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@contextlib.asynccontextmanager
+async def start_workerd(
+    tmp_path: Path, pki_dir: Path, cgroup_name: str, *extra: str
+) -> AsyncIterator[Workerd]:
+    """A real ``workerd`` process, once it serves; killed (if still running) at the end, and
+    whatever it left recovered and removed."""
+    if reason := cgroup2_usable():
+        pytest.skip(reason)
+    log = tmp_path / "workerd.log"
+    with log.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "jobworker.server.daemon",
+            "--pki", str(pki_dir), "--listen", "127.0.0.1:0",
+            "--state-dir", str(tmp_path / "state"), "--cgroup-name", cgroup_name,
+            "--stop-grace", "1", "--job-user", "root", *extra,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+    port: list[int] = []
+
+    def listening() -> bool:
+        m = re.search(r"listening on \S+ \(port (\d+)\)", log.read_text())
+        if m:
+            port.append(int(m.group(1)))
+        assert proc.returncode is None, log.read_text()
+        return bool(m)
+
+    try:
+        await wait_for(listening, timeout=30, what="workerd to listen")
+        yield Workerd(proc, log, port[0])
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        # Whatever the test did to the process, leave no job and no cgroup behind: a manager on
+        # the same state and group recovers (kills) what a killed daemon left, then removes it.
+        mgr = await JobManager.open(tmp_path / "state", cgroup_name=cgroup_name)
+        parent = mgr.cgroup_parent
+        await mgr.close()
+        assert not parent.exists()

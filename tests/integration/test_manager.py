@@ -384,23 +384,30 @@ async def test_a_second_manager_cannot_share_the_group_or_state(
 
 
 async def test_starts_racing_close_end_cleanly(tmp_path: Path, cgroup_name: str) -> None:
-    """close() lets starts under way finish and stops their jobs; none hangs or leaks."""
+    """close() lets starts under way finish and stops their jobs; a start after close has begun
+    is refused; none hangs or leaks."""
     from tests.conftest import cgroup2_usable
 
     if cgroup2_usable():
         pytest.skip(str(cgroup2_usable()))
     mgr = await JobManager.open(tmp_path / "s", cgroup_name=cgroup_name, stop_grace=1.0)
     starts = [asyncio.create_task(mgr.start(JobSpec(argv=("sleep", "1000")))) for _ in range(8)]
-    await asyncio.sleep(0)  # let them begin: the race is the point
-    await asyncio.wait_for(mgr.close(), 30)
-    pids = []
-    for outcome in await asyncio.gather(*starts, return_exceptions=True):
-        if isinstance(outcome, BaseException):
-            assert isinstance(outcome, ShuttingDown), outcome
-        else:
-            assert mgr.status(outcome.id).state is JobState.STOPPED
-            pids.append(outcome.pid)
-    assert not any(alive(p) for p in pids)
+    await asyncio.sleep(0)  # one step each: every start has begun and is under way
+    closing = asyncio.create_task(mgr.close())
+    await asyncio.sleep(0)  # close has begun
+    with pytest.raises(ShuttingDown):
+        await mgr.start(JobSpec(argv=("sleep", "1000")))
+    await asyncio.wait_for(closing, 30)
+    started = await asyncio.gather(*starts)  # every start under way succeeded
+    for st in started:
+        final = mgr.status(st.id)
+        assert (final.state, final.reason) == (
+            JobState.STOPPED,
+            "stopped: the job manager shut down",
+        )
+        assert not alive(st.pid)
+    assert len({st.id for st in started}) == 8
+    assert sorted(s.id for s in mgr.list()) == sorted(st.id for st in started)  # and no other
     assert not mgr.cgroup_parent.exists()
 
 

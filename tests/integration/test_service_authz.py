@@ -20,13 +20,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from jobworker import JobSpec
+from jobworker import JobSpec, JobState
 from jobworker.api.proto import pb, pb_grpc
 from jobworker.client import Client
 from jobworker.client.pki import load_ca
 from jobworker.errors import JobNotFound, JobworkerError, PermissionDenied, Unauthenticated
 from jobworker.server.daemon import Daemon, serve
-from tests.conftest import cgroup2_usable
+from tests.conftest import cgroup2_usable, wait_for
 
 pki_dir, daemon, connect = harness.pki_dir, harness.daemon, harness.connect
 Connect = harness.Connect
@@ -81,15 +81,22 @@ async def test_authorization_matrix(
     client = connect(caller)
     # The job is made through the library so that every role, even viewer, can own one.
     owner = {"own": caller, "other": "bob", "none": "bob"}[whose]
-    job = await daemon.manager.start(JobSpec(argv=("echo", "output"), owner=owner))
-    await daemon.manager.wait(job.id)
+    if rpc == "stop":
+        # Still running when the stop is tried, so that "untouched" below means something.
+        argv: tuple[str, ...] = ("sh", "-c", "echo output; exec sleep 1000")
+        job = await daemon.manager.start(JobSpec(argv=argv, owner=owner))
+        await wait_for(lambda: daemon.manager.status(job.id).output_bytes == 7, what="output")
+    else:
+        job = await daemon.manager.start(JobSpec(argv=("echo", "output"), owner=owner))
+        await daemon.manager.wait(job.id)
     error: JobworkerError | None = None
     try:
         if rpc == "start":
             st = await client.start(["true"])
             assert st.owner == caller
         elif rpc == "stop":
-            assert (await client.stop(job.id)).id == job.id
+            stopped = await client.stop(job.id)
+            assert (stopped.id, stopped.state) == (job.id, JobState.STOPPED)
         elif rpc == "status":
             assert (await client.status(job.id)).owner == owner
         elif rpc == "logs":
@@ -112,7 +119,9 @@ async def test_authorization_matrix(
     if expected == DENIED:
         assert f"{caller} (role {role}) may not {rpc}" in str(error)
     if rpc == "stop" and expected != OK:
-        assert (await daemon.manager.wait(job.id)).reason == ""  # untouched
+        untouched = daemon.manager.status(job.id)  # the forbidden stop did nothing
+        assert (untouched.state, untouched.reason) == (JobState.RUNNING, "")
+        assert (await daemon.manager.stop(job.id)).state is JobState.STOPPED
 
 
 SPOOF = (

@@ -14,13 +14,15 @@ import hashlib
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
-from jobworker import IOLimit, JobSpec, JobState, Limits
+from jobworker import IOLimit, JobManager, JobSpec, JobState, Limits
 from jobworker.api.proto import pb, pb_grpc
+from jobworker.cgroup import controllers
+from jobworker.cgroup.devices import resolve_limits
 from jobworker.client import Client
 from jobworker.errors import (
     InvalidArgument,
@@ -32,7 +34,9 @@ from jobworker.errors import (
     ShuttingDown,
     SpawnError,
 )
+from jobworker.server import service
 from jobworker.server.daemon import Daemon, serve
+from jobworker.tls import load_server
 from tests.conftest import cgroup2_usable, open_fds, wait_for
 
 pki_dir, daemon, connect = harness.pki_dir, harness.daemon, harness.connect
@@ -461,25 +465,53 @@ async def test_request_too_large_is_resource_exhausted(connect: Connect) -> None
 # -- limits policy ----------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def capped(
+    tmp_path: Path, pki_dir: Path, cgroup_name: str, caps: Limits
+) -> AsyncIterator[int]:
+    """The port of a service with these ``--max-*`` caps. workerd refuses to start with caps the
+    host cannot enforce (test_service_daemon), but the caps' check of a request comes before any
+    host check: on such a host the service is assembled from its parts to test it anyway."""
+    if reason := cgroup2_usable():
+        pytest.skip(reason)
+    config = harness.make_config(tmp_path / "state", pki_dir, cgroup_name, max_limits=caps)
+    manager = await JobManager.open(config.state_dir, cgroup_name=cgroup_name)
+    try:
+        controllers.check(resolve_limits(caps), manager.available_controllers)
+    except LimitUnavailable:
+        settings = service.Settings(max_limits=resolve_limits(caps), job_account="root")
+        servicer = service.JobWorkerService(manager, settings)
+        try:
+            running = await service.start_server(servicer, load_server(config.tls), config.listen)
+            try:
+                yield running.port
+            finally:
+                await running.server.stop(None)
+        finally:
+            await manager.close()
+        return
+    await manager.close()
+    d = await serve(config)
+    try:
+        yield d.port
+    finally:
+        await d.close()
+
+
 async def test_caps_refuse_requests_above_them(
     tmp_path: Path, pki_dir: Path, cgroup_name: str
 ) -> None:
-    if reason := cgroup2_usable():
-        pytest.skip(reason)
-    config = harness.make_config(
-        tmp_path / "state", pki_dir, cgroup_name, max_limits=Limits(memory=256 << 20, pids=64)
-    )
-    d = await serve(config)
-    try:
-        async with Client.from_pki(f"127.0.0.1:{d.port}", pki_dir, "alice") as c:
-            with pytest.raises(
-                InvalidArgument, match="memory: 1G is above this daemon's maximum of 256M"
-            ):
-                await c.start(["true"], limits=Limits(memory=1 << 30))
-            with pytest.raises(InvalidArgument, match="pids: 100 is above"):
-                await c.start(["true"], limits=Limits(pids=100))
-    finally:
-        await d.close()
+    caps = Limits(memory=256 << 20, pids=64)
+    async with (
+        capped(tmp_path, pki_dir, cgroup_name, caps) as port,
+        Client.from_pki(f"127.0.0.1:{port}", pki_dir, "alice") as c,
+    ):
+        with pytest.raises(
+            InvalidArgument, match="memory: 1G is above this daemon's maximum of 256M"
+        ):
+            await c.start(["true"], limits=Limits(memory=1 << 30))
+        with pytest.raises(InvalidArgument, match="pids: 100 is above"):
+            await c.start(["true"], limits=Limits(pids=100))
 
 
 def _root_disk() -> tuple[str, str] | None:
@@ -500,26 +532,18 @@ async def test_io_caps_apply_whatever_the_device_is_called(
     tmp_path: Path, pki_dir: Path, cgroup_name: str
 ) -> None:
     """A cap on MAJ:MIN must also catch a request that names the device by path."""
-    if reason := cgroup2_usable():
-        pytest.skip(reason)
     disk = _root_disk()
     if disk is None:
         pytest.skip("no block device under / to name")
     path, majmin = disk
-    config = harness.make_config(
-        tmp_path / "state",
-        pki_dir,
-        cgroup_name,
-        max_limits=Limits(io=(IOLimit(majmin, write_bps=1 << 20),)),
-    )
-    d = await serve(config)
-    try:
-        async with Client.from_pki(f"127.0.0.1:{d.port}", pki_dir, "alice") as c:
-            for name in (path, majmin):
-                with pytest.raises(InvalidArgument, match=f"io {majmin} write_bps: .* is above"):
-                    await c.start(["true"], limits=Limits(io=(IOLimit(name, write_bps=10 << 20),)))
-    finally:
-        await d.close()
+    caps = Limits(io=(IOLimit(majmin, write_bps=1 << 20),))
+    async with (
+        capped(tmp_path, pki_dir, cgroup_name, caps) as port,
+        Client.from_pki(f"127.0.0.1:{port}", pki_dir, "alice") as c,
+    ):
+        for name in (path, majmin):
+            with pytest.raises(InvalidArgument, match=f"io {majmin} write_bps: .* is above"):
+                await c.start(["true"], limits=Limits(io=(IOLimit(name, write_bps=10 << 20),)))
 
 
 async def test_defaults_above_caps_refuse_to_serve(tmp_path: Path, pki_dir: Path) -> None:
@@ -605,3 +629,20 @@ async def test_spec_roundtrip_through_api(daemon: Daemon, connect: Connect) -> N
     assert daemon.manager.spec(st.id) == JobSpec(
         argv=("env",), env={"A": "1"}, cwd="/tmp", owner="alice"
     )
+
+
+async def test_a_pids_limit_of_one(daemon: Daemon, connect: Connect) -> None:
+    """The smallest task limit through the daemon: it runs (forked, see test_spawn_paths), or
+    where the host has no pids controller it is refused (FAILED_PRECONDITION) before anything
+    is created."""
+    client = connect("alice")
+    if "pids" in daemon.manager.available_controllers:
+        st = await client.start(["true"], limits=Limits(pids=1))
+        assert st.limits.pids == 1
+        assert (await client.wait(st.id)).exit_code == 0
+        return
+    with pytest.raises(LimitUnavailable, match="'pids' controller"):
+        await client.start(["true"], limits=Limits(pids=1))
+    assert await client.list(all=True) == []
+    assert daemon.manager.list() == []
+    assert [p for p in daemon.manager.cgroup_parent.iterdir() if p.is_dir()] == []

@@ -4,7 +4,9 @@ our credentials) and fork+exec (it runs as someone else) — give the job the sa
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +23,29 @@ def creds(request: pytest.FixtureRequest) -> Credentials | None:
     return PATHS[request.param]
 
 
+@pytest.fixture
+def fast_flags(manager: JobManager, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """The path each spawn of ``manager`` asked the spawner for (True: posix_spawn), recorded
+    from outside: a wrapper around the spawner's ``spawn``, the one call that carries it."""
+    flags: list[bool] = []
+    real = manager._spawner.spawn
+
+    async def spawn(*args: Any, **kwargs: Any) -> Any:
+        flags.append(kwargs["fast"] if "fast" in kwargs else args[-1])
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(manager._spawner, "spawn", spawn)
+    return flags
+
+
+@pytest.fixture
+def path_checked(creds: Credentials | None, fast_flags: list[bool]) -> Iterator[None]:
+    """After the test: every job it started took the path its parameter names."""
+    yield
+    assert fast_flags, "the test started no job"
+    assert fast_flags == [creds is None] * len(fast_flags), fast_flags
+
+
 async def run(mgr: JobManager, creds: Credentials | None, *argv: str, cwd: str = "/") -> str:
     st = await mgr.start(JobSpec(argv=argv, cwd=cwd), credentials=creds)
     final = await mgr.wait(st.id)
@@ -28,6 +53,7 @@ async def run(mgr: JobManager, creds: Credentials | None, *argv: str, cwd: str =
     return b"".join([c async for c in mgr.output(st.id)]).decode()
 
 
+@pytest.mark.usefixtures("path_checked")
 async def test_job_world(manager: JobManager, creds: Credentials | None, tmp_path: Path) -> None:
     probe = (
         "import os, sys;"
@@ -61,6 +87,7 @@ async def test_job_world(manager: JobManager, creds: Credentials | None, tmp_pat
     assert parent == manager.cgroup_parent.name
 
 
+@pytest.mark.usefixtures("path_checked")
 async def test_exec_errors_are_reported(
     manager: JobManager, creds: Credentials | None, tmp_path: Path
 ) -> None:
@@ -73,6 +100,7 @@ async def test_exec_errors_are_reported(
     assert [p for p in manager.cgroup_parent.iterdir() if p.is_dir()] == []
 
 
+@pytest.mark.usefixtures("path_checked")
 async def test_spawner_stays_out_of_job_groups(
     manager: JobManager, creds: Credentials | None
 ) -> None:
@@ -84,18 +112,23 @@ async def test_spawner_stays_out_of_job_groups(
     await manager.stop(st.id)
 
 
-async def test_a_pids_limit_of_one_still_starts_the_job(manager: JobManager) -> None:
+async def test_a_pids_limit_of_one_still_starts_the_job(
+    manager: JobManager, fast_flags: list[bool]
+) -> None:
     """With pids.max=1 there is no room for the spawner beside the child: such a job must be
-    forked (the choice itself is checked below). Where the host has no pids controller the
-    limit is refused instead, before anything is created."""
+    forked. Where the host has no pids controller (a hybrid host) the limit is refused
+    instead, before anything is created: no spawn, no record, no group."""
     spec = JobSpec(argv=("true",), limits=Limits(pids=1))
     if "pids" in manager.available_controllers:
         st = await manager.start(spec)
         assert (await manager.wait(st.id)).exit_code == 0
+        assert fast_flags == [False]
     else:
-        with pytest.raises(LimitUnavailable, match="pids"):
+        with pytest.raises(LimitUnavailable, match="'pids' controller"):
             await manager.start(spec)
+        assert fast_flags == []
         assert manager.list() == []
+        assert [p for p in manager.cgroup_parent.iterdir() if p.is_dir()] == []
 
 
 async def test_the_fast_path_is_kept_away_from_limits_that_could_catch_the_spawner(

@@ -52,6 +52,9 @@ from jobworker.errors import InvalidArgument
 from jobworker.spec import JobState
 
 SAMPLE_INTERVAL = 0.005
+SHUTDOWN_POLL = 0.02
+"""How often the HTTP server's loop checks for :meth:`DebugServer.close` (the stdlib's 0.5 s
+default made every daemon shutdown half a second longer)."""
 MAX_PROFILE_SECONDS = 120.0
 LOOP_CALL_TIMEOUT = 5.0
 T = TypeVar("T")
@@ -252,12 +255,22 @@ class DebugServer:
         assert self._httpd is not None
         return self._httpd.server_address[1]
 
+    @property
+    def url(self) -> str:
+        """Where it serves, e.g. ``http://127.0.0.1:6060/``."""
+        assert self._httpd is not None
+        host = str(self._httpd.server_address[0])
+        return f"http://[{host}]:{self.port}/" if ":" in host else f"http://{host}:{self.port}/"
+
     def start(self, address: str) -> None:
         host, port = parse_address(address)
         server_class = _HTTPServer6 if ":" in host else _HTTPServer
         self._httpd = server_class((host, port), _handler_class(self))
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="jobworker-debug-http", daemon=True
+            target=self._httpd.serve_forever,
+            args=(SHUTDOWN_POLL,),
+            name="jobworker-debug-http",
+            daemon=True,
         )
         self._thread.start()
 

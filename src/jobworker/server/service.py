@@ -13,6 +13,7 @@ from __future__ import annotations
 from jobworker.server import tls13
 import grpc
 from grpc import aio
+from grpc._cython import cygrpc  # type: ignore[attr-defined]
 
 # isort: on
 import asyncio
@@ -20,7 +21,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,10 @@ from jobworker.spec import Credentials, JobSpec, JobState, JobStatus
 from jobworker.tls import Material
 
 log = logging.getLogger(__name__)
+
+_ExecuteBatchError: type[Exception] = cygrpc.ExecuteBatchError
+"""What a write to a call raises once the call is over (the client cancelled or left). Not in
+grpc's public API; the aio server itself tolerates it only once it has seen the cancellation."""
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 """Largest request accepted: argv + env are capped at 1 MiB (:data:`jobworker.spec.
@@ -267,7 +272,7 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
 
     async def Logs(
         self, request: pb.LogsRequest, context: aio.ServicerContext[object, object]
-    ) -> AsyncIterator[pb.LogsChunk]:
+    ) -> AsyncGenerator[pb.LogsChunk]:
         async with self._rpc("Logs", context) as identity:
             self._job(identity, Action.LOGS, request.id)
             offset = request.offset
@@ -360,13 +365,29 @@ def _checked_unary(
 
 
 def _checked_stream(
-    service: JobWorkerService, name: str, method: Callable[[Any, Context], AsyncIterator[Any]]
-) -> Callable[[object, Context], AsyncIterator[Any]]:
-    async def handler(request: object, context: Context) -> AsyncIterator[Any]:
+    service: JobWorkerService, name: str, method: Callable[[Any, Context], AsyncGenerator[Any]]
+) -> Callable[[object, Context], Awaitable[None]]:
+    """A streaming handler that writes the responses itself (grpc's reader-writer API), so that
+    a write failing because the client went away ends the call quietly. Left to grpc (an async
+    generator handler), such a write raced grpc noticing the cancellation and, when it lost,
+    was logged as an ``ExecuteBatchError`` with a traceback."""
+
+    async def handler(request: object, context: Context) -> None:
         if isinstance(request, _Malformed):
             await service.refuse(name, context, request.error)
-        async for item in method(request, context):
-            yield item
+        responses = method(request, context)
+        try:
+            async for item in responses:
+                try:
+                    await context.write(item)
+                except _ExecuteBatchError:
+                    # The reader left (`worker logs ID | head`): a cancelled call, not a
+                    # failure. The method records it as CANCELLED, ends and re-raises; grpc
+                    # takes CancelledError from a handler as the end of a cancelled call.
+                    log.debug("%s: the client went away during a write", name)
+                    await responses.athrow(asyncio.CancelledError("the client went away"))
+        finally:
+            await responses.aclose()
 
     return handler
 
@@ -406,12 +427,25 @@ async def start_server(
     await server.start()
     host = address.rpartition(":")[0].strip("[]")
     probe_host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    # grpc's C core logs the refusal it is meant to cause ("Handshake failed ...
+    # NO_SHARED_CIPHER") on stderr, out of Python logging's reach: say around it what it is.
+    log.info(
+        "TLS 1.2 self-probe of %s:%d: a TLS 1.2 handshake that must be refused (grpc logs the "
+        "refusal as 'Handshake failed ... NO_SHARED_CIPHER')",
+        probe_host,
+        port,
+    )
     try:
         accepted = await asyncio.to_thread(tls13.accepts_tls12, probe_host, port)
     except OSError as e:
         log.warning("could not probe %s:%d for TLS 1.2: %s", probe_host, port, e)
-        accepted = False
+        accepted = None
     if accepted:
         await server.stop(None)
         raise HostError(f"{address} accepted a TLS 1.2 handshake; refusing to serve")
+    if accepted is not None:
+        log.info(
+            "TLS 1.2 self-probe: refused as expected (grpc's NO_SHARED_CIPHER 'Handshake "
+            "failed' line is this probe, not a client's failure); serving TLS 1.3 only"
+        )
     return RunningServer(server, port)

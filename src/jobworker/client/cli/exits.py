@@ -111,6 +111,13 @@ def error_exit(e: JobworkerError, addr: str) -> CommandExit:
     if isinstance(e, InvalidArgument):
         return CommandExit(Exit.INVALID, str(e))
     if isinstance(e, ShuttingDown):
+        if "DNS resolution failed" in str(e):
+            # grpc's text names its resolver's internals (C-ares, qtype=AAAA, is_balancer).
+            host = _host_of(addr)
+            return CommandExit(
+                Exit.UNAVAILABLE,
+                f"cannot reach workerd at {addr}: the host name {host!r} could not be resolved",
+            )
         message = f"cannot reach workerd at {addr}: {e}"
         if "handshake" in str(e).lower():
             message += (
@@ -123,6 +130,14 @@ def error_exit(e: JobworkerError, addr: str) -> CommandExit:
     if isinstance(e, HostError):
         return CommandExit(Exit.INTERNAL, f"workerd failed: {e}")
     return CommandExit(Exit.INTERNAL, f"unexpected reply from workerd at {addr}: {e}")
+
+
+def _host_of(addr: str) -> str:
+    """The host part of ``HOST:PORT``, ``[V6]:PORT`` or a bare ``HOST``."""
+    if addr.startswith("["):
+        return addr[1:].partition("]")[0]
+    host, sep, _ = addr.rpartition(":")
+    return host if sep and ":" not in host else addr
 
 
 def job_exit_code(status: JobStatus) -> int | None:

@@ -55,10 +55,10 @@ class WorkerGroup(click.Group):
             silence_stdout()
             return Exit.STDOUT_CLOSED
         except click.UsageError as e:
-            e.show()
+            warn(usage_line(e))
             return Exit.USAGE
         except click.ClickException as e:
-            e.show()
+            warn(" ".join(e.format_message().split()))
             return e.exit_code
         except (click.Abort, KeyboardInterrupt):
             return Exit.INTERRUPTED
@@ -69,3 +69,10 @@ class WorkerGroup(click.Group):
         except BrokenPipeError:
             silence_stdout()
             return Exit.STDOUT_CLOSED
+
+
+def usage_line(e: click.UsageError) -> str:
+    """Click's usage error as one line (its own display is a four-line block): the message and
+    where to read more."""
+    command = e.ctx.command_path if e.ctx is not None else PROG
+    return f"{' '.join(e.format_message().split())} (see '{command} --help')"
