@@ -28,13 +28,13 @@ def fast_flags(manager: JobManager, monkeypatch: pytest.MonkeyPatch) -> list[boo
     """The path each spawn of ``manager`` asked the spawner for (True: posix_spawn), recorded
     from outside: a wrapper around the spawner's ``spawn``, the one call that carries it."""
     flags: list[bool] = []
-    real = manager._spawner.spawn
+    real = manager._spawner.current.spawn
 
     async def spawn(*args: Any, **kwargs: Any) -> Any:
         flags.append(kwargs["fast"] if "fast" in kwargs else args[-1])
         return await real(*args, **kwargs)
 
-    monkeypatch.setattr(manager._spawner, "spawn", spawn)
+    monkeypatch.setattr(manager._spawner.current, "spawn", spawn)
     return flags
 
 
