@@ -17,7 +17,7 @@ from jobworker.errors import (
 )
 from jobworker.limits import IOLimit, Limits
 from jobworker.manager import JobManager
-from jobworker.spec import Credentials, JobSpec, JobState, JobStatus, Usage
+from jobworker.spec import Credentials, JobSpec, JobState, JobStatus, Network, Sandbox, Usage
 
 __all__ = [
     "Credentials",
@@ -32,8 +32,10 @@ __all__ = [
     "JobworkerError",
     "LimitUnavailable",
     "Limits",
+    "Network",
     "PermissionDenied",
     "ResourceExhausted",
+    "Sandbox",
     "ShuttingDown",
     "SpawnError",
     "Usage",

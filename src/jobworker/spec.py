@@ -34,6 +34,30 @@ class Credentials:
     groups: tuple[int, ...] = field(default_factory=tuple)
 
 
+class Network(enum.StrEnum):
+    """A sandboxed job's network: the host's, or a namespace of its own with only loopback."""
+
+    HOST = "host"
+    NONE = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class Sandbox:
+    """The isolation a job runs in: its own PID, mount, IPC and UTS namespaces (and network
+    namespace with :attr:`Network.NONE`), private ``/tmp`` and ``/dev/shm``, the manager's
+    hidden paths masked, ``no_new_privs``, and the default ``RLIMIT_NOFILE``."""
+
+    network: Network = Network.HOST
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "network", Network(self.network))
+        except ValueError:
+            raise InvalidArgument(
+                f"network must be one of {', '.join(Network)}, got {self.network!r}"
+            ) from None
+
+
 class JobState(enum.StrEnum):
     RUNNING = "running"
     EXITED = "exited"
@@ -67,6 +91,9 @@ class JobSpec:
     cwd: str = "/"
     owner: str = ""
     limits: Limits = field(default_factory=Limits)
+    sandbox: Sandbox | None = None
+    """``None``: the job shares the host's namespaces (the library's default; the daemon
+    sandboxes every job unless an admin asks otherwise)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.argv, str | bytes) or not self.argv:

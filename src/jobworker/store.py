@@ -30,7 +30,7 @@ from typing import Any
 from jobworker._dirlock import lock_directory
 from jobworker.errors import HostError
 from jobworker.limits import IOLimit, Limits
-from jobworker.spec import JobSpec, JobState, JobStatus, Usage
+from jobworker.spec import JobSpec, JobState, JobStatus, Network, Sandbox, Usage
 
 RECORD = ".json"
 LOG = ".log"
@@ -250,6 +250,7 @@ def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
         "cwd": spec.cwd,
         "owner": spec.owner,
         "limits": _limits_to_dict(spec.limits),
+        "sandbox": None if spec.sandbox is None else {"network": spec.sandbox.network.value},
     }
 
 
@@ -260,6 +261,7 @@ def spec_from_dict(raw: dict[str, Any]) -> JobSpec:
         cwd=raw["cwd"],
         owner=raw["owner"],
         limits=_limits_from_dict(raw["limits"]),
+        sandbox=None if raw.get("sandbox") is None else Sandbox(Network(raw["sandbox"]["network"])),
     )
 
 
