@@ -57,6 +57,27 @@ JOB_STATE_LOST: JobState.ValueType  # 4
 """Was running when the daemon died; killed through its cgroup at the next start."""
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
+class _Network:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _NetworkEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Network.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    NETWORK_UNSPECIFIED: _Network.ValueType  # 0
+    NETWORK_HOST: _Network.ValueType  # 1
+    """The host's network namespace."""
+    NETWORK_NONE: _Network.ValueType  # 2
+    """A network namespace of the job's own, with only loopback up."""
+
+class Network(_Network, metaclass=_NetworkEnumTypeWrapper): ...
+
+NETWORK_UNSPECIFIED: Network.ValueType  # 0
+NETWORK_HOST: Network.ValueType  # 1
+"""The host's network namespace."""
+NETWORK_NONE: Network.ValueType  # 2
+"""A network namespace of the job's own, with only loopback up."""
+Global___Network: _TypeAlias = Network  # noqa: Y015
+
 @_typing.final
 class IOLimit(_message.Message):
     """Caps for one block device ("MAJ:MIN", e.g. "8:0"); unset = unlimited."""
@@ -308,8 +329,16 @@ class StartRequest(_message.Message):
     ENV_FIELD_NUMBER: _builtins.int
     CWD_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
+    NO_SANDBOX_FIELD_NUMBER: _builtins.int
     cwd: _builtins.str
     """Absolute working directory; "/" when unset."""
+    network: Global___Network.ValueType
+    """The job's network inside its sandbox; the daemon's --default-network when unspecified."""
+    no_sandbox: _builtins.bool
+    """Start the job in the host's namespaces, without the sandbox (admin only, for host-wide
+    tools such as ps or kill of host processes). network must then be unspecified.
+    """
     @_builtins.property
     def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The command and its arguments; argv[0] is looked up in PATH."""
@@ -327,10 +356,12 @@ class StartRequest(_message.Message):
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         cwd: _builtins.str | None = ...,
         limits: Global___Limits | None = ...,
+        network: Global___Network.ValueType = ...,
+        no_sandbox: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_cwd", b"_cwd", "cwd", b"cwd", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cwd", b"_cwd", "argv", b"argv", "cwd", b"cwd", "env", b"env", "limits", b"limits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cwd", b"_cwd", "argv", b"argv", "cwd", b"cwd", "env", b"env", "limits", b"limits", "network", b"network", "no_sandbox", b"no_sandbox"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cwd: _TypeAlias = _typing.Literal["cwd"]  # noqa: Y015
     _WhichOneofArgType__cwd: _TypeAlias = _typing.Literal["_cwd", b"_cwd"]  # noqa: Y015
