@@ -178,3 +178,13 @@ def test_unknown_state_from_the_wire() -> None:
     msg.state = pb.JOB_STATE_UNSPECIFIED
     with pytest.raises(InvalidArgument, match="unknown state"):
         status_from_pb(msg)
+
+
+def test_network_round_trips_and_unknown_values_are_refused() -> None:
+    from jobworker.api.convert import network_from_pb, network_to_pb
+    from jobworker.spec import Network
+
+    for network in (None, Network.HOST, Network.NONE):
+        assert network_from_pb(network_to_pb(network)) == network
+    with pytest.raises(InvalidArgument, match="not one of host"):
+        network_from_pb(7)

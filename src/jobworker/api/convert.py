@@ -12,7 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from jobworker.api.proto import pb
 from jobworker.errors import InvalidArgument
 from jobworker.limits import IOLimit, Limits
-from jobworker.spec import JobState, JobStatus, Usage
+from jobworker.spec import JobState, JobStatus, Network, Usage
 
 _STATES: dict[JobState, pb.JobState.ValueType] = {
     JobState.RUNNING: pb.JOB_STATE_RUNNING,
@@ -21,6 +21,27 @@ _STATES: dict[JobState, pb.JobState.ValueType] = {
     JobState.LOST: pb.JOB_STATE_LOST,
 }
 _STATES_BACK = {v: k for k, v in _STATES.items()}
+_NETWORKS: dict[Network, pb.Network.ValueType] = {
+    Network.HOST: pb.NETWORK_HOST,
+    Network.NONE: pb.NETWORK_NONE,
+}
+_NETWORKS_BACK = {v: k for k, v in _NETWORKS.items()}
+
+
+def network_to_pb(network: Network | None) -> pb.Network.ValueType:
+    """``None``: unspecified, the daemon's default."""
+    return pb.NETWORK_UNSPECIFIED if network is None else _NETWORKS[Network(network)]
+
+
+def network_from_pb(value: int) -> Network | None:
+    if value == pb.NETWORK_UNSPECIFIED:
+        return None
+    try:
+        return _NETWORKS_BACK[value]  # type: ignore[index]
+    except KeyError:
+        raise InvalidArgument(
+            f"network {value} is not one of host ({pb.NETWORK_HOST}), none ({pb.NETWORK_NONE})"
+        ) from None
 
 
 def _opt(msg: object, field: str) -> int | None:
