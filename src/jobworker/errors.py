@@ -15,6 +15,9 @@
     ├── ShuttingDown                        nobody: the manager is closing  UNAVAILABLE
     │                                       (client: daemon unreachable)
     ├── HostError                           the host: cgroupfs, state dir   INTERNAL
+    │   ├── GroupGone                       the host: the cgroup vanished   INTERNAL
+    │   └── SpawnerDied                     the host: the spawner process   INTERNAL
+    │                                       died (its jobs run on)
     ├── ConfigError                         the local user: certificates,   (client only)
     │                                       keys, settings, PKI files
     └── RemoteError                         the transport or the daemon:    any other code
@@ -75,6 +78,12 @@ class HostError(JobworkerError):
     """
 
 
+class GroupGone(HostError):
+    """The cgroup directory itself no longer exists (the job ended and its group was removed,
+    or someone else removed it): not a missing controller, which is :class:`LimitUnavailable`.
+    The message names the group."""
+
+
 class ConfigError(JobworkerError):
     """The local configuration is unusable: a certificate or key missing or invalid, no user
     picked, a PKI file that would be overwritten (the CLI exits 78)."""
@@ -87,3 +96,12 @@ class RemoteError(JobworkerError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{message} ({code})" if message else code)
         self.code = code
+
+
+class SpawnerDied(HostError):
+    """The spawner process is gone (it exited, was killed, or was closed).
+
+    Raised by a spawn in flight or made afterwards (the job may or may not have been started:
+    its cgroup tells), and set on every outstanding exit status: that process may still be
+    running, re-parented to the nearest subreaper or init, but its exit status cannot be known.
+    """

@@ -31,8 +31,9 @@ from jobworker.errors import (
 )
 from jobworker.output import PumpThread, make_pipe, read_output
 from jobworker.recovery import recover
-from jobworker.runtime import Job, SendSignal, run_stop, wait_empty
-from jobworker.spawn import Spawner, describe_wait_status
+from jobworker.runtime import Job, SendSignal, kill_until_empty, run_stop
+from jobworker.spawn import SpawnerDied, describe_wait_status
+from jobworker.spawn.keeper import SpawnerKeeper
 from jobworker.spawn.lookup import resolve_command
 from jobworker.spec import Credentials, JobSpec, JobState, JobStatus, Usage
 from jobworker.store import Store
@@ -40,6 +41,9 @@ from jobworker.store import Store
 log = logging.getLogger(__name__)
 
 DEFAULT_STOP_GRACE = 2.0
+UNKNOWN_EXIT = (
+    "exit status unknown: the spawner died while the job ran; its end was seen through its cgroup"
+)
 EOF_TIMEOUT = 2.0
 """After the cgroup is empty, how long a pipe writer outside it may keep the output open."""
 
@@ -57,7 +61,7 @@ class JobManager:
         _token: object,
         store: Store,
         tree: CgroupTree,
-        spawner: Spawner,
+        spawner: SpawnerKeeper,
         watcher: EventsWatcher,
         pumps: PumpThread,
         available: frozenset[str],
@@ -76,7 +80,6 @@ class JobManager:
         self._stop_grace = stop_grace
         self._credentials = credentials
         self._max_log_bytes = max_log_bytes
-        self._fast_spawn = False
         self._send_signal: SendSignal = os.kill
         self._host_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobworker-start")
         self._host_io.submit(int).result()  # start its thread now, not in the first start
@@ -116,9 +119,10 @@ class JobManager:
             tree.setup()
             undo.callback(tree.teardown)
             _raise_nofile_limit()
-            spawner = await Spawner.start()
-            undo.push_async_callback(spawner.close)
             available = controllers.enable(tree.delegated, tree.parent)
+            # After enable, which may move this process (and so its children) into a leaf.
+            spawner = await SpawnerKeeper.start()
+            undo.push_async_callback(spawner.close)
             watcher = EventsWatcher()
             undo.callback(watcher.close)
             pumps = PumpThread()
@@ -138,13 +142,12 @@ class JobManager:
             undo.callback(self._host_io.shutdown)
             for spec, status in await recover(store, tree, watcher):
                 self._jobs[status.id] = Job(spec, status)
-            self._fast_spawn = await _give_spawner_its_home(spawner)
             undo.pop_all()
         return self
 
     @property
     def spawner_pid(self) -> int:
-        return self._spawner.pid
+        return self._spawner.current.pid
 
     @property
     def available_controllers(self) -> frozenset[str]:
@@ -222,7 +225,8 @@ class JobManager:
         try:
             self._watcher.watch(group)
             try:  # the spawner gets its own copies of these
-                spawned = await self._spawner.spawn(
+                spawner = await self._spawner.live()
+                spawned = await spawner.spawn(
                     prep.path,
                     spec.argv,
                     env,
@@ -287,9 +291,8 @@ class JobManager:
         try:
             if self._tree.populated(prep.group):
                 log.warning("job %s: start failed with a process in its group; killing it", job_id)
-                self._tree.kill(prep.group)
                 async with asyncio.timeout(EOF_TIMEOUT):
-                    await wait_empty(self._tree, self._watcher, prep.group)
+                    await kill_until_empty(self._tree, self._watcher, prep.group)
             await self._tree.remove(prep.group)
         except (JobworkerError, TimeoutError) as e:
             log.error("job %s: cgroup %s of a failed start not removed: %s", job_id, prep.group, e)
@@ -304,7 +307,7 @@ class JobManager:
         throttles it, and memory.max with memory.oom.group could OOM-kill it with the job."""
         limits = spec.limits
         return (
-            self._fast_spawn
+            self._spawner.fast
             and creds.uid < 0
             and creds.gid < 0
             and limits.memory is None
@@ -326,19 +329,27 @@ class JobManager:
         exit_code: int | None = None
         sig: int | None = None
         reason = ""
+        orphaned = False
         try:
             status = await exit_status
             exit_code, sig = describe_wait_status(status)
+        except SpawnerDied:
+            # Its processes run on, re-parented: the job ends when its cgroup is empty, and
+            # how its main process ended cannot be known.
+            orphaned = True
+            reason = UNKNOWN_EXIT
         except HostError as e:
             reason = str(e)
         usage: Usage | None = None
         oom = False
         try:
-            # A job has ended when its cgroup is empty: kill what the main process left behind.
-            if self._tree.populated(group):
-                self._tree.kill(group)
-                await wait_empty(self._tree, self._watcher, group)
-        except JobworkerError as e:  # HostError, or LimitUnavailable: no cgroup.kill (< 5.14)
+            if orphaned:
+                while self._tree.populated(group):
+                    await self._watcher.changed(group)
+            elif self._tree.populated(group):
+                # A job has ended when its cgroup is empty: kill what its main process left.
+                await kill_until_empty(self._tree, self._watcher, group)
+        except JobworkerError as e:
             log.exception("job %s: killing what is left failed", job.id)
             reason = reason or str(e)
         if not await job.pump.wait_eof(EOF_TIMEOUT):
@@ -358,7 +369,8 @@ class JobManager:
             log.error("job %s: %s", job.id, e)
         job.group = None
         if job.stop_reason is not None:
-            state, reason = JobState.STOPPED, job.stop_reason
+            state = JobState.STOPPED
+            reason = job.stop_reason + (f" ({UNKNOWN_EXIT})" if orphaned else "")
         else:
             state = JobState.EXITED
         if job.pump.discarded:
@@ -466,22 +478,6 @@ class _Prepared:
 def _close_quietly(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
-
-
-async def _give_spawner_its_home(spawner: Spawner) -> bool:
-    """Tell the spawner where it lives (found after ``controllers.enable`` may have moved it)
-    so it can step back there after a fast spawn. ``False``: only the fork path is used."""
-    try:
-        home = own_cgroup_dir(cgroup_path=f"/proc/{spawner.pid}/cgroup")
-        fd = open_procs(home)
-    except HostError as e:
-        log.warning("spawner's own cgroup not found (%s); jobs start by fork+exec", e)
-        return False
-    try:
-        await spawner.set_home(fd)
-    finally:
-        os.close(fd)
-    return True
 
 
 def _raise_nofile_limit() -> None:

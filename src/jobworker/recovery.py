@@ -10,7 +10,7 @@ from pathlib import Path
 
 from jobworker.cgroup.tree import CgroupTree
 from jobworker.cgroup.watch import EventsWatcher
-from jobworker.runtime import wait_empty
+from jobworker.runtime import kill_until_empty
 from jobworker.spec import JobSpec, JobState, JobStatus
 from jobworker.store import Store
 
@@ -38,8 +38,7 @@ async def kill_group(tree: CgroupTree, watcher: EventsWatcher, group: Path) -> N
     watcher.watch(group)
     try:
         if tree.populated(group):
-            tree.kill(group)
-            await wait_empty(tree, watcher, group)
+            await kill_until_empty(tree, watcher, group)
     finally:
         watcher.unwatch(group)
     await tree.remove(group)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from jobworker.cgroup.tree import CgroupTree
 from jobworker.cgroup.watch import EventsWatcher
-from jobworker.errors import HostError, LimitUnavailable
+from jobworker.errors import HostError
 from jobworker.output import OutputPump
 from jobworker.spec import JobSpec, JobStatus
 
@@ -83,8 +83,8 @@ async def run_stop(job: Job, tree: CgroupTree, watcher: EventsWatcher, send: Sen
     if group is not None:
         try:
             await _terminate(job.id, group, tree, watcher, send)
-        except (HostError, LimitUnavailable) as e:
-            # The job may end meanwhile and its group be removed under the freeze.
+        except HostError as e:
+            # The job may end meanwhile and its group be removed under the freeze (GroupGone).
             log.debug("job %s: SIGTERM round cut short: %s", job.id, e)
     ended = asyncio.ensure_future(job.ended.wait())
     try:
@@ -111,7 +111,7 @@ def _kill(job: Job, tree: CgroupTree) -> None:
         return
     try:
         tree.kill(group)
-    except (HostError, LimitUnavailable) as e:
+    except HostError as e:
         if group.exists():
             log.error("job %s: cgroup.kill failed: %s", job.id, e)
 
@@ -146,7 +146,7 @@ async def _terminate(
         tree.freeze(group, False)
 
 
-async def wait_empty(tree: CgroupTree, watcher: EventsWatcher, group: Path) -> None:
-    """Return once ``group`` has no process left (woken by its ``cgroup.events``)."""
-    while tree.populated(group):
-        await watcher.changed(group)
+async def kill_until_empty(tree: CgroupTree, watcher: EventsWatcher, group: Path) -> None:
+    """SIGKILL everything in ``group`` and return once it is empty (woken by its
+    ``cgroup.events``; without ``cgroup.kill`` the fallback sweeps until nothing is left)."""
+    await tree.kill_until_empty(group, lambda: watcher.changed(group))

@@ -1,10 +1,15 @@
 """Job records on disk: ``STATE/jobs/<id>.json`` beside ``STATE/jobs/<id>.log``.
 
 The record is created when the job starts and replaced atomically (temp file + rename) when it
-ends, so after any crash each record is either the running one or the final one. Flat files, no
-directory per job: on slow disks every metadata operation shows in the start latency.
-Everything is 0600 in a 0700 directory: jobs and other users cannot read other jobs' output or
-specs.
+ends, so after any crash each record is either the running one or the final one. The final
+write is durable: the log, the new record and the directory are fsynced, so a power cut after a
+job's end loses neither its output nor its outcome (the start record is not fsynced: one lost
+or cut short reads as a job lost while running). Flat files, no directory per job: on slow
+disks every metadata operation shows in the start latency. Everything is 0600 in a 0700
+directory: jobs and other users cannot read other jobs' output or specs.
+
+Recovery never deletes a log: a log whose record is missing or unreadable is a ``lost`` job
+with its output kept.
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +36,18 @@ RECORD = ".json"
 LOG = ".log"
 TMP = ".json.tmp"
 _VERSION = 1
+UNKNOWN_COMMAND = "<unknown>"
+"""argv[0] of a job recovered from a log whose record could not be read."""
+
+log = logging.getLogger(__name__)
 
 
 class Store:
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, fsync: Callable[[int], None] = os.fsync) -> None:
+        """``fsync`` makes the final record durable (tests pass one that records its fds)."""
         self.root = state_dir
         self.jobs = state_dir / "jobs"
+        self._fsync = fsync
         self._lock_fd = -1
         # One thread writes records, in the order asked: on slow disks a create+write+rename
         # takes about half a millisecond that the event loop should spend serving.
@@ -82,21 +94,49 @@ class Store:
 
     def save(self, spec: JobSpec, status: JobStatus, *, new: bool = False) -> None:
         """Write the record: ``new`` creates it in place (one cut short by a crash reads as a
-        start that never completed); otherwise it is replaced atomically."""
+        start that never completed); otherwise it is replaced atomically. The record of an
+        ended job is durable when this returns: the log, the record and the directory are
+        fsynced."""
         data = json.dumps(
             {"version": _VERSION, "spec": spec_to_dict(spec), **status_to_dict(status)}
         )
         final = self.record_path(status.id)
         path = final if new else self.jobs / (status.id + TMP)
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if new else os.O_TRUNC)
+        durable = status.state.ended
         try:
+            if durable:
+                self._sync_log(status.id)
             fd = os.open(path, flags, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(data)
+                if durable:
+                    f.flush()
+                    self._fsync(f.fileno())
             if not new:
                 os.replace(path, final)
+            if durable:
+                self._sync_dir()
         except OSError as e:
             raise HostError(f"cannot write the record of job {status.id}: {e.strerror}") from e
+
+    def _sync_log(self, job_id: str) -> None:
+        try:
+            fd = os.open(self.log_path(job_id), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            self._fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _sync_dir(self) -> None:
+        """The renamed record's (and the log's) directory entry."""
+        fd = os.open(self.jobs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self._fsync(fd)
+        finally:
+            os.close(fd)
 
     async def save_async(self, spec: JobSpec, status: JobStatus, *, new: bool = False) -> None:
         """:meth:`save` in the store's writer thread; records are written in call order."""
@@ -105,9 +145,10 @@ class Store:
         )
 
     def load_all(self) -> Iterator[tuple[JobSpec, JobStatus]]:
-        """Every record. A log whose record is missing or unparsable (only a start record can
-        be cut short: final ones are renamed into place) is removed with it, and so are the
-        temp files of an interrupted replace."""
+        """Every job with a log. One whose record is missing or unreadable (a start record
+        cut short, a disk error) is yielded as ``lost``, its log kept, and that lost record is
+        written in place of the bad one. Temp files of an interrupted replace are removed (the
+        record they were to replace is still there). No log is ever removed here."""
         try:
             names = sorted(os.listdir(self.jobs))
         except FileNotFoundError:
@@ -116,17 +157,72 @@ class Store:
             if name.endswith(TMP):
                 with contextlib.suppress(FileNotFoundError):
                     (self.jobs / name).unlink()
+                continue
             if not name.endswith(LOG):
                 continue
             job_id = name.removesuffix(LOG)
+            raw: object = None
             try:
-                raw = json.loads(self.record_path(job_id).read_text())
-            except (FileNotFoundError, ValueError):
-                self.discard(job_id)
-                continue
+                text = self.record_path(job_id).read_bytes()
+            except FileNotFoundError:
+                problem = "the job's record is missing"
             except OSError as e:
-                raise HostError(f"cannot read {self.record_path(job_id)}: {e.strerror}") from e
-            yield spec_from_dict(raw["spec"]), status_from_dict(raw)
+                problem = f"the job's record could not be read ({e.strerror})"
+            else:
+                try:
+                    raw = json.loads(text)
+                    loaded = _from_record(raw)
+                except (ValueError, KeyError, TypeError, AttributeError) as e:
+                    problem = f"the job's record is unreadable ({type(e).__name__}: {e})"
+                else:
+                    yield loaded
+                    continue
+            yield self._lost(job_id, problem, raw)
+
+    def _lost(self, job_id: str, problem: str, raw: object) -> tuple[JobSpec, JobStatus]:
+        """A lost job for a log without a usable record: what the record still tells (owner,
+        command, start time) if it parsed at all, the log's size as its output."""
+        salvage: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        owner = salvage.get("owner")
+        owner = owner if isinstance(owner, str) else ""
+        argv: tuple[str, ...] = (UNKNOWN_COMMAND,)
+        if isinstance(salvage.get("argv"), list) and all(
+            isinstance(a, str) for a in salvage["argv"]
+        ):
+            argv = tuple(salvage["argv"]) or argv
+        try:
+            spec = JobSpec(argv=argv, owner=owner)
+        except ValueError:
+            spec = JobSpec(argv=(UNKNOWN_COMMAND,))
+        try:
+            st = self.log_path(job_id).stat()
+            size, mtime = st.st_size, datetime.fromtimestamp(st.st_mtime, UTC)
+        except OSError:
+            size, mtime = 0, datetime.now(UTC)
+        try:
+            started_at = datetime.fromisoformat(salvage["started_at"])
+        except (KeyError, TypeError, ValueError):
+            started_at = mtime  # unknown: the log's last write stands in
+        status = JobStatus(
+            id=job_id,
+            state=JobState.LOST,
+            argv=spec.argv,
+            owner=spec.owner,
+            pid=0,
+            started_at=started_at,
+            ended_at=datetime.now(UTC),
+            reason=f"{problem}; found at restart, its output is kept",
+            output_bytes=size,
+        )
+        try:
+            self.save(spec, status)
+        except HostError as e:
+            log.warning("job %s: %s", job_id, e)
+        return spec, status
+
+
+def _from_record(raw: Any) -> tuple[JobSpec, JobStatus]:
+    return spec_from_dict(raw["spec"]), status_from_dict(raw)
 
 
 _LIMIT_FIELDS = tuple(f.name for f in fields(Limits) if f.name != "io")

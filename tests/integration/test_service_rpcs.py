@@ -30,6 +30,7 @@ from jobworker.errors import (
     JobworkerError,
     LimitUnavailable,
     RemoteError,
+    ResourceExhausted,
     ShuttingDown,
     SpawnError,
 )
@@ -456,10 +457,9 @@ async def test_spawn_error_is_invalid_argument(connect: Connect) -> None:
     assert not isinstance(e.value, SpawnError)  # the code carries the category, not the class
 
 
-async def test_request_too_large_is_a_remote_error(connect: Connect) -> None:
-    with pytest.raises(RemoteError) as e:
+async def test_request_too_large_is_resource_exhausted(connect: Connect) -> None:
+    with pytest.raises(ResourceExhausted, match="larger than max"):
         await connect("alice").start(["true"] + ["x" * 100_000] * 50)
-    assert e.value.code == "RESOURCE_EXHAUSTED"
 
 
 # -- limits policy ----------------------------------------------------------------------------

@@ -99,7 +99,7 @@ async def test_a_failed_start_kills_a_process_already_in_its_group(
 ) -> None:
     """The spawner can die after its spawn and before its reply: the process then runs in a
     group no record knows. The start must kill it and remove the group and the log."""
-    real_spawn = manager._spawner.spawn
+    real_spawn = manager._spawner.current.spawn
     started: list[int] = []
 
     async def spawn_then_lose_the_reply(*args: object, **kwargs: object) -> object:
@@ -107,7 +107,7 @@ async def test_a_failed_start_kills_a_process_already_in_its_group(
         started.append(spawned.pid)
         raise HostError("the spawner died before replying")
 
-    manager._spawner.spawn = spawn_then_lose_the_reply  # type: ignore[method-assign,assignment]
+    manager._spawner.current.spawn = spawn_then_lose_the_reply  # type: ignore[method-assign,assignment]
     with pytest.raises(HostError, match="before replying"):
         await manager.start(JobSpec(argv=("sleep", "600")))
     (pid,) = started

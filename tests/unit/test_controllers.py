@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import errno
+import time
 from pathlib import Path
 
 import pytest
 
-from jobworker.cgroup import controllers, cpu, io, memory, pids
-from jobworker.errors import InvalidArgument, LimitUnavailable
+from jobworker.cgroup import controllers, cpu, fs, io, memory, pids
+from jobworker.errors import HostError, InvalidArgument, LimitUnavailable
 from jobworker.limits import IOLimit, Limits
 from jobworker.spec import Usage
 
@@ -288,3 +290,59 @@ def test_enable_in_the_root_group_moves_nothing(tmp_path: Path) -> None:
     controllers.enable(root, parent)
     assert not (root / controllers.DAEMON_LEAF).exists()
     assert (root / "cgroup.subtree_control").read_text() == "+cpu +memory +io +pids"
+
+
+def busy_subtree_control(monkeypatch: pytest.MonkeyPatch, times: int) -> list[str]:
+    """cgroup.subtree_control refuses with EBUSY ``times`` times (a process keeps appearing
+    in the group); records every file written. Sleeping in between fails the test."""
+    written: list[str] = []
+    real_write = fs.write
+
+    def write(group: Path, name: str, value: str) -> None:
+        written.append(f"{group.name}/{name}")
+        if name == "cgroup.subtree_control" and written.count(f"{group.name}/{name}") <= times:
+            raise HostError("busy") from OSError(errno.EBUSY, "Device or resource busy")
+        real_write(group, name, value)
+
+    def no_sleep(seconds: float) -> None:
+        raise AssertionError(f"slept {seconds}s on the event loop")
+
+    monkeypatch.setattr(fs, "write", write)
+    monkeypatch.setattr(time, "sleep", no_sleep)
+    return written
+
+
+def delegated_with_a_process(tmp_path: Path) -> tuple[Path, Path]:
+    delegated = cgroup_files(
+        tmp_path / "d",
+        {
+            "cgroup.controllers": "cpu pids\n",
+            "cgroup.subtree_control": "",
+            "cgroup.type": "domain\n",
+            "cgroup.procs": "42\n",
+        },
+    )
+    cgroup_files(delegated / controllers.DAEMON_LEAF, {"cgroup.procs": ""})
+    return delegated, cgroup_files(delegated / "jobworker", {"cgroup.subtree_control": ""})
+
+
+def test_enable_retries_a_busy_group_without_sleeping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    delegated, parent = delegated_with_a_process(tmp_path)
+    written = busy_subtree_control(monkeypatch, times=3)
+    assert controllers.enable(delegated, parent) == frozenset()  # stand-in files: none read back
+    assert written.count("d/cgroup.subtree_control") == 4
+    # Each refusal moved the group's processes again before the next attempt.
+    assert written.count("daemon/cgroup.procs") == 1 + 3
+    assert (delegated / "cgroup.subtree_control").read_text() == "+cpu +pids"
+
+
+def test_enable_gives_up_on_a_group_that_stays_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    delegated, parent = delegated_with_a_process(tmp_path)
+    written = busy_subtree_control(monkeypatch, times=1000)
+    with pytest.raises(HostError, match=r"stayed busy through 20 attempts"):
+        controllers.enable(delegated, parent)
+    assert written.count("d/cgroup.subtree_control") == 20

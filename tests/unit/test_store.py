@@ -1,11 +1,15 @@
+import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from jobworker.limits import IOLimit, Limits
 from jobworker.spec import JobSpec, JobState, JobStatus, Usage
-from jobworker.store import Store
+from jobworker.store import UNKNOWN_COMMAND, Store, spec_to_dict, status_to_dict
 
 
 def test_record_round_trip(tmp_path: Path) -> None:
@@ -36,19 +40,104 @@ def test_record_round_trip(tmp_path: Path) -> None:
     assert [(s, st) for s, st in store.load_all()] == [(spec, status)]
 
 
-def test_log_without_record_is_discarded(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def make_store(root: Path, fsync: Callable[[int], None] | None = None) -> Iterator[Store]:
+    store = Store(root) if fsync is None else Store(root, fsync=fsync)
     store.setup()
-    os.close(store.create("half"))
-    assert list(store.load_all()) == []
-    assert not store.log_path("half").exists()
+    try:
+        yield store
+    finally:
+        store.close()
 
 
-def test_start_record_cut_short_is_discarded(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    store.setup()
-    os.close(store.create("cut"))
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    yield from make_store(tmp_path / "state")
+
+
+def ended(job_id: str, spec: JobSpec) -> JobStatus:
+    return JobStatus(
+        id=job_id,
+        state=JobState.EXITED,
+        argv=spec.argv,
+        owner=spec.owner,
+        pid=42,
+        started_at=datetime(2026, 1, 1, tzinfo=UTC),
+        ended_at=datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC),
+        exit_code=0,
+        output_bytes=5,
+    )
+
+
+def test_final_record_is_fsynced_with_log_and_directory(tmp_path: Path) -> None:
+    synced: list[tuple[str, str]] = []  # (path the fd is open on, record text at that moment)
+    record = tmp_path / "state" / "jobs" / "j1.json"
+
+    def fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        synced.append((path, record.read_text() if record.exists() else ""))
+        os.fsync(fd)
+
+    for store in make_store(tmp_path / "state", fsync):
+        assert store.record_path("j1") == record
+        spec = JobSpec(argv=("echo", "hello"), owner="alice")
+        fd = store.create("j1")
+        os.write(fd, b"hello")
+        os.close(fd)
+        start = replace(ended("j1", spec), state=JobState.RUNNING, ended_at=None)
+        store.save(spec, start, new=True)
+        assert synced == []  # the start record is not made durable
+        store.save(spec, ended("j1", spec))
+        start_text = json.dumps({"version": 1, "spec": spec_to_dict(spec), **status_to_dict(start)})
+        assert synced == [
+            (str(store.log_path("j1")), start_text),
+            (str(store.jobs / "j1.json.tmp"), start_text),  # new record, before its rename
+            (str(store.jobs), store.record_path("j1").read_text()),  # the rename, after it
+        ]
+        assert json.loads(synced[2][1])["state"] == "exited"
+
+
+def test_log_without_record_is_lost_and_kept(store: Store) -> None:
+    fd = store.create("half")
+    os.write(fd, b"out")
+    os.close(fd)
+    [(spec, status)] = store.load_all()
+    assert store.log_path("half").read_bytes() == b"out"
+    assert (status.id, status.state, status.output_bytes) == ("half", JobState.LOST, 3)
+    assert status.reason.startswith("the job's record is missing")
+    assert spec.argv == status.argv == (UNKNOWN_COMMAND,)
+
+
+def test_start_record_cut_short_is_lost_with_its_log_kept(store: Store) -> None:
+    fd = store.create("cut")
+    os.write(fd, b"12345678")
+    os.close(fd)
     store.record_path("cut").write_text('{"version": 1, "spec": {"argv": ["sl')
     (store.jobs / "other.json.tmp").write_text("{")
-    assert list(store.load_all()) == []
-    assert os.listdir(store.jobs) == []
+    [(spec, status)] = store.load_all()
+    assert (status.id, status.state, status.output_bytes) == ("cut", JobState.LOST, 8)
+    assert "record is unreadable" in status.reason and "output is kept" in status.reason
+    assert status.ended_at is not None and status.pid == 0
+    assert sorted(os.listdir(store.jobs)) == ["cut.json", "cut.log"]
+    assert store.log_path("cut").read_bytes() == b"12345678"
+    # The lost record replaced the bad one: the next restart reads the same job.
+    assert list(store.load_all()) == [(spec, status)]
+
+
+def test_unreadable_record_keeps_what_it_still_tells(store: Store) -> None:
+    os.close(store.create("j2"))
+    store.record_path("j2").write_text(
+        json.dumps({"owner": "bob", "argv": ["sleep", "9"], "started_at": "2026-01-01T00:00"})
+    )
+    [(spec, status)] = store.load_all()
+    assert (spec.owner, spec.argv) == ("bob", ("sleep", "9"))
+    assert (status.owner, status.argv, status.state) == ("bob", ("sleep", "9"), JobState.LOST)
+    assert status.started_at == datetime(2026, 1, 1)
+    assert "KeyError" in status.reason
+
+
+def test_record_that_cannot_be_read_at_all(store: Store) -> None:
+    os.close(store.create("j3"))
+    store.record_path("j3").mkdir()  # reading it fails with EISDIR; nothing can replace it
+    [(_, status)] = store.load_all()
+    assert status.state is JobState.LOST and "could not be read" in status.reason
+    assert store.log_path("j3").exists()

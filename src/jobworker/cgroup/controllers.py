@@ -10,7 +10,6 @@ reads its counters. Adding a controller means adding a module and a line to :fun
 from __future__ import annotations
 
 import errno
-import time
 from pathlib import Path
 
 from jobworker.cgroup import cpu, fs, io, memory, pids
@@ -25,6 +24,8 @@ DAEMON_LEAF = "daemon"
 """Leaf group the daemon moves itself into when the "no internal processes" rule requires it."""
 
 _ENABLE_ATTEMPTS = 20
+"""Writes of cgroup.subtree_control tried while it reports EBUSY, each after moving the
+processes that appeared (no sleep between them: see :func:`_enable_on`)."""
 
 
 def _split(text: str | None) -> frozenset[str]:
@@ -57,6 +58,15 @@ def _evacuate(delegated: Path) -> None:
 
 
 def _enable_on(group: Path, names: list[str], delegated: Path) -> None:
+    """Write ``+name ...`` to the group's subtree_control, retrying on EBUSY.
+
+    EBUSY means a process appeared in ``delegated`` (forked by one we moved before its move
+    landed); it is moved too and the write retried at once. There is nothing to wait for: the
+    kernel serialises a move against a fork, so a process forked before the move is already
+    listed in cgroup.procs when the next attempt lists it. The loop never sleeps (it runs on
+    the event loop, in :meth:`JobManager.open`) and is bounded by :data:`_ENABLE_ATTEMPTS`: a
+    group where processes keep appearing faster than they are moved is an error, not a wait.
+    """
     value = " ".join(f"+{n}" for n in names)
     for _ in range(_ENABLE_ATTEMPTS):
         try:
@@ -64,16 +74,13 @@ def _enable_on(group: Path, names: list[str], delegated: Path) -> None:
             return
         except HostError as e:
             cause = e.__cause__
-            # EBUSY: a process appeared in `delegated` (e.g. forked by one we moved before its
-            # move landed); move it too and retry.
             if not (isinstance(cause, OSError) and cause.errno == errno.EBUSY):
                 raise
             if group == delegated and not _is_root(delegated):
                 _evacuate(delegated)
-            time.sleep(0.01)
     raise HostError(
-        f"cannot enable {value!r} in {group}/cgroup.subtree_control: it stays busy "
-        "(processes keep appearing in the group)"
+        f"cannot enable {value!r} in {group}/cgroup.subtree_control: it stayed busy through "
+        f"{_ENABLE_ATTEMPTS} attempts (processes keep appearing in the group)"
     )
 
 

@@ -4,15 +4,23 @@ group per job, and the operations a job's lifecycle needs (kill, freeze, events,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
+import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from jobworker._dirlock import lock_directory
 from jobworker.cgroup import fs
-from jobworker.errors import HostError
+from jobworker.errors import GroupGone, HostError
 
 _RMDIR_BACKOFF = (0.001, 0.005, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 1.0, 2.0)
+SWEEP_ROUNDS = 32
+"""Kill fallback: reads of cgroup.procs per sweep (each SIGKILLs the pids not yet signalled)."""
+SWEEP_RECHECK = 0.05
+"""Kill fallback: how long :meth:`CgroupTree.kill_until_empty` waits for the group to empty
+before sweeping again."""
 
 
 class CgroupTree:
@@ -22,12 +30,18 @@ class CgroupTree:
     :func:`jobworker.cgroup.discovery.own_cgroup_dir`); tests pass a group of their own.
     """
 
-    def __init__(self, delegated: Path, name: str = "jobworker") -> None:
+    def __init__(
+        self, delegated: Path, name: str = "jobworker", *, use_cgroup_kill: bool | None = None
+    ) -> None:
+        """``use_cgroup_kill``: kill groups through ``cgroup.kill`` (Linux 5.14+), or, when
+        ``False``, by the freeze-and-SIGKILL fallback; ``None`` (default) uses ``cgroup.kill``
+        when the kernel has it."""
         if not name or "/" in name or name in (".", ".."):
             raise ValueError(f"invalid cgroup name {name!r}")
         self.delegated = delegated
         self.parent = delegated / name
         self._lock_fd = -1
+        self._use_cgroup_kill = use_cgroup_kill
 
     def setup(self) -> None:
         """Create the parent group (or adopt a leftover one) and lock it for this process.
@@ -39,6 +53,8 @@ class CgroupTree:
             self.parent.mkdir(exist_ok=True)
         except OSError as e:
             raise HostError(f"cannot create cgroup {self.parent}: {e.strerror}") from e
+        if self._use_cgroup_kill is None:  # the root group has none, but this one is no root
+            self._use_cgroup_kill = (self.parent / "cgroup.kill").exists()
         self._lock_fd = lock_directory(
             self.parent,
             f"cgroup {self.parent} is in use by another jobworker manager; "
@@ -89,10 +105,75 @@ class CgroupTree:
     def procs(group: Path) -> list[int]:
         return [int(p) for p in fs.read(group, "cgroup.procs").split()]
 
+    def uses_cgroup_kill(self, group: Path) -> bool:
+        """Whether :meth:`kill` writes ``cgroup.kill`` (else it runs the fallback)."""
+        if self._use_cgroup_kill is None:
+            self._use_cgroup_kill = (group / "cgroup.kill").exists()
+        return self._use_cgroup_kill
+
+    def kill(self, group: Path) -> None:
+        """SIGKILL every process in the group and below: atomically with ``cgroup.kill``
+        (Linux 5.14+), else by one bounded :meth:`sweep` (no waiting, safe on the event loop).
+
+        A sweep cannot catch a child whose fork was under way as its parent was killed; such a
+        survivor is caught by the next sweep, which :meth:`kill_until_empty` runs until the
+        group is empty. Raises :class:`GroupGone` when the group no longer exists.
+        """
+        if self.uses_cgroup_kill(group):
+            fs.write(group, "cgroup.kill", "1")
+        else:
+            self.sweep(group)
+
     @staticmethod
-    def kill(group: Path) -> None:
-        """SIGKILL every process in the group and below, atomically (Linux 5.14+)."""
-        fs.write(group, "cgroup.kill", "1")
+    def sweep(group: Path) -> bool:
+        """The fallback for kernels without ``cgroup.kill``: freeze the group (so its processes
+        stop forking), SIGKILL every pid in its and its descendants' ``cgroup.procs`` (a fatal
+        signal ends a frozen task), read them again and kill the new ones, until a read shows
+        no pid not yet signalled or :data:`SWEEP_ROUNDS` reads were made; then thaw.
+
+        Returns whether the last read found the subtree empty. Never sleeps.
+        """
+        signalled: set[int] = set()
+        CgroupTree.freeze(group, True)
+        try:
+            for _ in range(SWEEP_ROUNDS):
+                pids = CgroupTree.subtree_procs(group)
+                fresh = [p for p in pids if p not in signalled]
+                for pid in fresh:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                signalled.update(fresh)
+                if not fresh:
+                    return not pids
+            return False
+        finally:
+            CgroupTree.freeze(group, False)
+
+    @staticmethod
+    def subtree_procs(group: Path) -> list[int]:
+        """The pids of the group and of every group below it (a job may make its own)."""
+        pids = CgroupTree.procs(group)
+        for dirpath, dirnames, _ in os.walk(group):
+            for d in dirnames:
+                with contextlib.suppress(GroupGone):
+                    pids += CgroupTree.procs(Path(dirpath) / d)
+        return pids
+
+    async def kill_until_empty(self, group: Path, changed: Callable[[], Awaitable[None]]) -> None:
+        """:meth:`kill`, then wait until the group is empty (``populated 0``). ``changed``
+        waits for the next change of the group's cgroup.events (the manager passes
+        ``lambda: watcher.changed(group)``). With the fallback, a group still populated after
+        a change or :data:`SWEEP_RECHECK` seconds is swept again, so no survivor is left.
+        """
+        self.kill(group)
+        while self.populated(group):
+            if self.uses_cgroup_kill(group):
+                await changed()
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed(), SWEEP_RECHECK)
+            if self.populated(group):
+                self.sweep(group)
 
     @staticmethod
     def freeze(group: Path, frozen: bool) -> None:

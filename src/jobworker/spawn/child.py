@@ -20,7 +20,9 @@ Wire format on the stream socket, both ways: 4-byte big-endian length + a ``mars
 Requests: ``("spawn", req_id, path, argv, env, cwd, uid, gid, groups, fast)`` with two fds
 attached (cgroup.procs of the job's group, the write end of its output pipe); ``("home",)`` with
 the spawner's own cgroup.procs attached (needed by the fast path).
-Replies: ``("ok", req_id, pid)`` or ``("err", req_id, errno, stage)``;
+Replies: ``("ok", req_id, pid)`` or ``("err", req_id, errno, stage)`` (stage: where it failed:
+``pipe``, ``fork``, ``cgroup``, ``setsid``, ``stdio``, ``credentials``, ``cwd``, ``exec`` or
+``posix_spawn``; a failed start never ends the spawner);
 events: ``("exit", pid, status)``.
 
 This file must import nothing from jobworker: it runs as a plain script.
@@ -148,7 +150,8 @@ class Spawner:
             try:
                 stage = "cwd"
                 os.chdir(cwd)
-                stage = "exec"
+                # posix_spawn reports the clone's error (EAGAIN, ENOMEM) and the exec's alike.
+                stage = "posix_spawn"
                 pid = os.posix_spawn(
                     path,
                     argv,
@@ -178,9 +181,17 @@ class Spawner:
         """fork, then in the child: into the job's group, session, stdio, cwd, credentials,
         exec. Safe here because this process never runs a thread."""
         _op, req_id, path, argv, env, cwd, uid, gid, groups, _fast = msg
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        # Out of processes or memory (EAGAIN, ENOMEM: a fork bomb on a host without a pids
+        # controller) fails this one start; the spawner keeps serving.
         try:
-            pid = os.fork()
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        except OSError as e:
+            return ("err", req_id, e.errno or errno.EIO, "pipe")
+        try:
+            try:
+                pid = os.fork()
+            except OSError as e:
+                return ("err", req_id, e.errno or errno.EIO, "fork")
             if pid == 0:
                 self._child(procs_fd, out_fd, err_w, path, argv, env, cwd, uid, gid, groups)
             os.close(err_w)
@@ -213,6 +224,9 @@ class Spawner:
     ) -> None:
         stage = "cgroup"
         try:
+            # Let go of the daemon's socket at once, not at exec: should the spawner die while
+            # this child is stuck before exec (in a frozen group), the daemon still sees EOF.
+            os.close(self.sock.fileno())
             os.write(procs_fd, b"0")
             stage = "setsid"
             os.setsid()
@@ -262,6 +276,8 @@ def main(fd: int) -> None:
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     # The daemon's terminal signals are not ours: it tells us to stop by closing the socket.
+    # (We also run in a session of our own, so signals sent to the daemon's process group,
+    # SIGTERM or SIGHUP, do not reach us; SIGINT stays ignored for a spawner started without.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     spawner.reset_signals = _ignored_signals()
     reader = Reader(sock)

@@ -1,11 +1,19 @@
 """The daemon side of the spawner: starts the spawner process and talks to it (see
-:mod:`jobworker.spawn.child` for why it exists)."""
+:mod:`jobworker.spawn.child` for why it exists).
+
+The spawner is the parent of every job. If it dies (EOF on its socket), its jobs keep running:
+they are re-parented to the nearest subreaper (or init), and their exit statuses can no longer
+be known. Every request in flight and every outstanding ``exit_status`` then fails with
+:class:`SpawnerDied`, and :meth:`Spawner.wait_dead` returns, so the owner can end those jobs by
+their cgroups and start a new spawner.
+"""
 
 from __future__ import annotations
 
 import array
 import asyncio
 import contextlib
+import errno
 import marshal
 import os
 import socket
@@ -15,22 +23,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobworker.errors import HostError, SpawnError
+from jobworker.errors import HostError, ResourceExhausted, SpawnerDied, SpawnError
 from jobworker.spawn import child as _spawner
 from jobworker.spec import Credentials
 
 _SCRIPT = Path(_spawner.__file__)
 
 
+# What a failed stage was doing, for the message of an out-of-processes-or-memory error.
+_STAGE_ACTION = {
+    "pipe": "pipe2",
+    "fork": "fork",
+    "posix_spawn": "posix_spawn",
+    "exec": "exec",
+}
+_EXHAUSTED = {errno.EAGAIN: "out of processes", errno.ENOMEM: "out of memory"}
+
+
 @dataclass(slots=True)
 class Spawned:
     pid: int
     exit_status: asyncio.Future[int]
-    """Resolved with the raw wait status when the main process ends."""
+    """Resolved with the raw wait status when the main process ends, or failed with
+    :class:`SpawnerDied` if the spawner dies first (the status is then unknowable)."""
 
 
 class Spawner:
-    """One spawner process per manager; safe to use from a process running threads."""
+    """One spawner process per manager; safe to use from a process running threads.
+
+    The spawner runs in a session (and so a process group) of its own: SIGTERM, SIGHUP or
+    SIGINT sent to the daemon's group do not reach it, and the daemon's graceful stop stays in
+    charge of the jobs. Watch :attr:`alive` / :meth:`wait_dead` to learn of its death.
+    """
 
     def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
         self._proc = proc
@@ -41,11 +65,19 @@ class Spawner:
         self._exits: dict[int, asyncio.Future[int]] = {}
         self._next_id = 0
         self._send_lock = asyncio.Lock()
-        self._dead: BaseException | None = None
+        self._dead: SpawnerDied | None = None
+        self._closed = False
+        self._gone: asyncio.Future[None] = self._loop.create_future()
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
     @classmethod
-    async def start(cls) -> Spawner:
+    async def start(cls, *, _test_options: dict[str, Any] | None = None) -> Spawner:
+        """Start the spawner process.
+
+        ``_test_options``: a test hook, extra :class:`subprocess.Popen` arguments (e.g.
+        ``user=``, so that RLIMIT_NPROC, which root ignores, can make the spawner's fork fail
+        for real). Nothing else passes it.
+        """
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = subprocess.Popen(  # noqa: ASYNC220 - once per manager, vfork+exec
@@ -53,6 +85,11 @@ class Spawner:
                 pass_fds=[child.fileno()],
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
+                # Out of the daemon's process group: a signal to that group (Ctrl+C, a
+                # service manager's SIGTERM or SIGHUP) must not kill every job's parent at
+                # once, bypassing the graceful stop. Jobs get sessions of their own anyway.
+                start_new_session=True,
+                **(_test_options or {}),
             )
         except OSError as e:
             parent.close()
@@ -66,13 +103,26 @@ class Spawner:
     def pid(self) -> int:
         return self._proc.pid
 
+    @property
+    def alive(self) -> bool:
+        """``False`` once the spawner has died or :meth:`close` was called."""
+        return not self._gone.done()
+
+    async def wait_dead(self) -> SpawnerDied | None:
+        """Return once the spawner is gone: the :class:`SpawnerDied` error when it died on its
+        own (start a new one, and call :meth:`close` on this one to reap it), ``None`` when
+        :meth:`close` ended it. Its jobs were re-parented to the nearest subreaper or init;
+        their exit statuses cannot be known."""
+        await asyncio.shield(self._gone)
+        return None if self._closed else self._dead
+
     def _on_readable(self) -> None:
         try:
             alive = self._reader.feed()
         except BlockingIOError:
             return
         except OSError as e:
-            self._fail(HostError(f"spawner connection failed: {e}"))
+            self._fail(SpawnerDied(f"the spawner connection failed: {e}"))
             return
         for msg in self._reader.messages():
             kind = msg[0]
@@ -91,7 +141,7 @@ class Spawner:
                 req, err, stage = int(msg[1]), int(msg[2]), str(msg[3])  # type: ignore[call-overload]
                 self._reject(req, err, stage)
         if not alive:
-            self._fail(HostError("the spawner process exited unexpectedly"))
+            self._fail(SpawnerDied(f"the spawner process (pid {self.pid}) exited unexpectedly"))
 
     def _resolve(self, req: int, value: Spawned) -> None:
         fut = self._pending.pop(req, None)
@@ -104,7 +154,12 @@ class Spawner:
             return
         reason = os.strerror(err)
         exc: Exception
-        if stage == "exec":
+        if err in _EXHAUSTED and stage in _STAGE_ACTION:
+            exc = ResourceExhausted(
+                f"cannot start the job: {_STAGE_ACTION[stage]} failed: {reason} "
+                f"({errno.errorcode[err]}: {_EXHAUSTED[err]})"
+            )
+        elif stage in ("exec", "posix_spawn"):
             exc = SpawnError(f"cannot execute the command: {reason}")
         elif stage == "cwd":
             exc = SpawnError(f"cannot change to the working directory: {reason}")
@@ -114,7 +169,7 @@ class Spawner:
             exc = HostError(f"cannot set up the job ({stage}): {reason}")
         fut.set_exception(exc)
 
-    def _fail(self, exc: HostError) -> None:
+    def _fail(self, exc: SpawnerDied) -> None:
         if self._dead is not None:
             return
         self._dead = exc
@@ -123,11 +178,12 @@ class Spawner:
             if not fut.done():
                 fut.set_exception(exc)
         self._pending.clear()
-        # Main processes whose status we can no longer learn: report "killed" so jobs end.
+        # Main processes whose status we can no longer learn (they live on, re-parented).
         for exit_fut in self._exits.values():
             if not exit_fut.done():
                 exit_fut.set_exception(exc)
         self._exits.clear()
+        self._gone.set_result(None)
 
     async def _send(self, message: tuple[Any, ...], fds: list[int]) -> None:
         payload = marshal.dumps(message)
@@ -170,7 +226,7 @@ class Spawner:
         :mod:`jobworker.spawn.child`). The fds are duplicated into the spawner; the caller keeps
         (and must close) its own."""
         if self._dead is not None:
-            raise self._dead
+            raise SpawnerDied(str(self._dead))
         self._next_id += 1
         req = self._next_id
         fut: asyncio.Future[Spawned] = self._loop.create_future()
@@ -191,6 +247,10 @@ class Spawner:
             await self._send(message, [procs_fd, out_fd])
         except OSError as e:
             self._pending.pop(req, None)
+            if self._dead is not None:
+                raise SpawnerDied(str(self._dead)) from e
+            if isinstance(e, (BrokenPipeError, ConnectionResetError)):
+                raise SpawnerDied(f"the spawner process is gone: {e}") from e
             raise HostError(f"cannot reach the spawner process: {e}") from e
         return await fut
 
@@ -199,9 +259,13 @@ class Spawner:
         await self._send(("home",), [procs_fd])
 
     async def close(self) -> None:
-        """Close the socket (the spawner exits on EOF) and reap it. Pending requests fail."""
-        self._fail(HostError("the spawner was closed"))
+        """Close the socket (the spawner exits on EOF) and reap it. Pending requests fail with
+        :class:`SpawnerDied`. Also the way to reap a spawner that died on its own."""
+        self._closed = self._closed or self._dead is None
+        self._fail(SpawnerDied("the spawner was closed"))
         self._sock.close()
+        if self._proc.returncode is not None:
+            return  # reaped already (a second close): the pid may belong to someone else now
         try:
             pidfd = os.pidfd_open(self._proc.pid)
         except ProcessLookupError:

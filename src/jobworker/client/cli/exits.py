@@ -107,7 +107,7 @@ def error_exit(e: JobworkerError, addr: str) -> CommandExit:
     if isinstance(e, LimitUnavailable):
         return CommandExit(Exit.LIMIT_UNAVAILABLE, str(e))
     if isinstance(e, ResourceExhausted):
-        return CommandExit(Exit.RESOURCE_EXHAUSTED, f"workerd's host is out of room: {e}")
+        return CommandExit(Exit.RESOURCE_EXHAUSTED, f"workerd has no room for the request: {e}")
     if isinstance(e, InvalidArgument):
         return CommandExit(Exit.INVALID, str(e))
     if isinstance(e, ShuttingDown):
