@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from jobworker import Credentials, JobManager, JobSpec, Limits, LimitUnavailable, SpawnError
+from jobworker.spawn.parent import Spawner
 
 PATHS = {
     "posix_spawn": None,
@@ -25,16 +26,17 @@ def creds(request: pytest.FixtureRequest) -> Credentials | None:
 
 @pytest.fixture
 def fast_flags(manager: JobManager, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """The path each spawn of ``manager`` asked the spawner for (True: posix_spawn), recorded
-    from outside: a wrapper around the spawner's ``spawn``, the one call that carries it."""
+    """The path each spawn of ``manager`` asked its spawner for (True: posix_spawn), recorded
+    from outside: a wrapper around ``Spawner.spawn``, the one call that carries the choice."""
     flags: list[bool] = []
-    real = manager._spawner.current.spawn
+    real = Spawner.spawn
 
-    async def spawn(*args: Any, **kwargs: Any) -> Any:
-        flags.append(kwargs["fast"] if "fast" in kwargs else args[-1])
-        return await real(*args, **kwargs)
+    async def spawn(self: Spawner, *args: Any, **kwargs: Any) -> Any:
+        if self.pid == manager.spawner_pid:
+            flags.append(kwargs["fast"] if "fast" in kwargs else args[-1])
+        return await real(self, *args, **kwargs)
 
-    monkeypatch.setattr(manager._spawner.current, "spawn", spawn)
+    monkeypatch.setattr(Spawner, "spawn", spawn)
     return flags
 
 
