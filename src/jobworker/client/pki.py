@@ -19,9 +19,11 @@ valid.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -40,13 +42,15 @@ CLOCK_SKEW = timedelta(minutes=5)
 """Certificates are valid from slightly before ``now``, for peers whose clocks lag."""
 
 DEFAULT_USERS: tuple[tuple[str, Role], ...] = (
-    ("admin", Role.ADMIN),
+    ("ops", Role.ADMIN),
     ("alice", Role.USER),
-    ("viewer", Role.VIEWER),
+    ("vera", Role.VIEWER),
 )
 SERVER_DEFAULT_NAMES = ("localhost", "127.0.0.1", "::1")
 ORGANIZATION = "jobworker"
-_RESERVED = {"ca", "server"}
+RESERVED_NAMES = frozenset({*Role, "ca", "server"})
+"""Names no user may have (compared case-insensitively): the roles, so that a name is never
+mistaken for one (workerd refuses such certificates too), and this directory's own stems."""
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -82,10 +86,15 @@ def parse_user(text: str) -> tuple[str, Role]:
 
 
 def _check_name(name: str) -> str:
-    if not _NAME_RE.fullmatch(name) or name in _RESERVED:
+    if not _NAME_RE.fullmatch(name):
         raise PkiError(
-            f"user name {name!r} must be 1-64 letters, digits, '.', '_' or '-', start with a "
-            "letter or digit, and not be 'ca' or 'server'"
+            f"user name {name!r} must be 1-64 letters, digits, '.', '_' or '-', and start with a "
+            "letter or digit"
+        )
+    if name.casefold() in RESERVED_NAMES:
+        raise PkiError(
+            f"user name {name!r} is reserved (not {', '.join(sorted(RESERVED_NAMES))}): a role "
+            "name is never an identity; pick a person's or a service's name, e.g. ops:admin"
         )
     return name
 
@@ -101,21 +110,50 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
+def _create(path: Path, data: bytes, mode: int) -> None:
+    """Write a new file: never through a symbolic link, never over an existing file (a
+    replacement is unlinked first by the caller)."""
+    try:
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode
+        )
+    except FileExistsError:
+        raise PkiError(f"{path} already exists (use --force to replace it)") from None
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), mode)
+        f.write(data)
+
+
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     data = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), 0o600)
-        f.write(data)
+    _create(path, data, 0o600)
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    path.chmod(0o644)
+    _create(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def check_directory(directory: Path) -> None:
+    """Refuse a PKI directory someone else could change files in: it must belong to the
+    current user and not be writable by its group or others. Raises :class:`PkiError`."""
+    st = directory.stat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise PkiError(f"{directory} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise PkiError(
+            f"{directory} belongs to uid {st.st_uid}, not to you (uid {os.geteuid()}): its "
+            "owner could replace the keys; use a directory of your own"
+        )
+    if st.st_mode & 0o022:
+        raise PkiError(
+            f"{directory} is writable by its group or others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}): they could plant links or replace the keys; "
+            f"run chmod go-w {directory}, or use another directory"
+        )
 
 
 def _builder(
@@ -273,7 +311,8 @@ def load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateK
 def write_pair(
     directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
 ) -> CertPair:
-    """Write ``STEM.pem`` (0644) and ``STEM-key.pem`` (0600)."""
+    """Write ``STEM.pem`` (0644) and ``STEM-key.pem`` (0600) as new files (never through a
+    symbolic link). Raises :class:`PkiError` when either already exists."""
     pair = CertPair(directory / f"{stem}.pem", directory / f"{stem}-key.pem")
     _write_key(pair.key, key)
     _write_cert(pair.cert, cert)
@@ -295,25 +334,42 @@ def init_pki(
     ``users`` defaults to :data:`DEFAULT_USERS` when a new CA is made. ``force`` starts over: a
     new CA, server and user certificates, replacing existing files.
 
-    Raises :class:`PkiError` when a file to be written already exists (unless ``force``), or a
-    name or role is invalid. Nothing is written when validation fails.
+    Raises :class:`PkiError` when a file to be written already exists (unless ``force``; a
+    symbolic link counts, dangling or not), when the directory holds only one of ``ca.pem`` and
+    ``ca-key.pem`` (unless ``force``: a CA whose key was moved away is not replaced), when the
+    directory is not the current user's or is writable by others, or when a name or role is
+    invalid. Nothing is written when validation fails.
     """
     now = now or datetime.now(UTC)
     checked = [(_check_name(n), _check_role(str(r))) for n, r in users]
     if len({n for n, _ in checked}) != len(checked):
         raise PkiError("a user name is given more than once")
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_directory(directory)
     os.chmod(directory, 0o700)
-    have_ca = (directory / "ca.pem").exists() and (directory / "ca-key.pem").exists()
-    fresh = force or not have_ca
+    have_cert, have_key = (os.path.lexists(directory / n) for n in ("ca.pem", "ca-key.pem"))
+    if have_cert != have_key and not force:
+        there, missing = ("ca.pem", "ca-key.pem") if have_cert else ("ca-key.pem", "ca.pem")
+        raise PkiError(
+            f"{directory} has {there} but no {missing}: refusing to make a new CA over it (if "
+            "the CA key was moved offline, bring it back to add users; --force starts over)"
+        )
+    fresh = force or not have_cert
     if fresh and not checked:
         checked = list(DEFAULT_USERS)
-    make_server = fresh or not (directory / "server.pem").exists()
+    make_server = fresh or not os.path.lexists(directory / "server.pem")
+    stems = [n for n, _ in checked] + (["server"] if make_server else [])
+    if fresh:
+        stems.append("ca")
+    paths = [directory / f"{stem}{suffix}" for stem in stems for suffix in (".pem", "-key.pem")]
     if not force:
-        for stem in [n for n, _ in checked] + (["server"] if make_server else []):
-            for p in (directory / f"{stem}.pem", directory / f"{stem}-key.pem"):
-                if p.exists():
-                    raise PkiError(f"{p} already exists (use --force to replace it)")
+        for p in paths:
+            if os.path.lexists(p):
+                raise PkiError(f"{p} already exists (use --force to replace it)")
+    else:
+        for p in paths:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()  # a symbolic link itself, never its target
 
     if not fresh:
         ca_cert, ca_key = load_ca(directory)

@@ -22,15 +22,16 @@ def certs() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     default=lambda: str(default_pki_dirs()[0]),
     show_default="~/.config/jobworker/pki",
-    help="Where to write the PKI (created 0700).",
+    help="Where to write the PKI (created 0700; an existing one must be yours and not "
+    "writable by others).",
 )
 @click.option(
     "--user",
     "users",
     multiple=True,
     metavar="NAME:ROLE",
-    help="A user certificate to make (roles: admin, user, viewer); repeatable.  "
-    "[default for a new CA: admin:admin, alice:user, viewer:viewer]",
+    help="A user certificate to make (roles: admin, user, viewer); repeatable. NAME may not "
+    "be a role, ca or server.  [default for a new CA: ops:admin, alice:user, vera:viewer]",
 )
 @click.option(
     "--server-name",
