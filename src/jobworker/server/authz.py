@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -104,66 +104,137 @@ def visible(identity: Identity, owner: str) -> bool:
     return decide(identity, Action.LIST, owner) is not Decision.HIDE
 
 
+RESERVED_NAMES: Final = frozenset({*Role, "ca", "server"})
+"""Names no identity may have (compared case-insensitively): the roles, so that a name can
+never be read as a role in the policy file or a log, and the PKI's own file stems."""
+
+
+def is_reserved(name: str) -> bool:
+    return name.casefold() in RESERVED_NAMES
+
+
+_POLICY_TABLES: Final = {"roles", "run_as"}
+_RUN_AS_TABLES: Final = {"roles", "identities"}
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     """Server-side settings per identity: ``roles[name]`` overrides the role in the certificate;
-    ``run_as[name or role]`` is the Unix account (``user`` or ``user:group``) its jobs run as."""
+    ``run_as_identities[name]``, else ``run_as_roles[role]``, is the Unix account (``user`` or
+    ``user:group``) the identity's jobs run as."""
 
     roles: Mapping[str, Role]
-    run_as: Mapping[str, str] = field(default_factory=dict)
+    run_as_roles: Mapping[Role, str] = field(default_factory=dict)
+    run_as_identities: Mapping[str, str] = field(default_factory=dict)
 
     def account_for(self, identity: Identity) -> str | None:
-        """The identity's own entry, else its role's, else ``None`` (the daemon's default)."""
-        return self.run_as.get(identity.name) or self.run_as.get(identity.role.value)
+        """The identity's own entry, else its role's, else ``None`` (the daemon decides)."""
+        named = self.run_as_identities.get(identity.name)
+        return named if named is not None else self.run_as_roles.get(identity.role)
+
+    def accounts(self) -> set[str]:
+        """Every account the policy names."""
+        return {*self.run_as_roles.values(), *self.run_as_identities.values()}
 
     @classmethod
     def load(cls, path: Path) -> Policy:
         """Read a TOML policy file::
 
-            [roles]
+            [roles]               # identity -> role, overriding the certificate's
             alice = "admin"
             bob = "viewer"
 
-            [run_as]            # identity or role -> Unix account; default: the daemon's
-            admin = "root"      # root only when granted by name
+            [run_as.roles]        # role -> Unix account
+            admin = "root"        # root only when granted by name
+
+            [run_as.identities]   # identity -> Unix account; before its role's entry
             alice = "alice:staff"
 
-        Raises :class:`InvalidArgument` naming the file and entry when it is malformed, and
-        ``OSError`` when it cannot be read.
+        The old flat ``[run_as]`` table, which mixed identities and roles, is refused with a
+        message saying how to rewrite it. Raises :class:`InvalidArgument` naming the file and
+        entry when it is malformed, and ``OSError`` when it cannot be read.
         """
         try:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise InvalidArgument(f"policy file {path}: {e}") from e
+
+        def bad(message: str) -> InvalidArgument:
+            return InvalidArgument(f"policy file {path}: {message}")
+
+        unknown = sorted(set(data) - _POLICY_TABLES)
+        if unknown:
+            raise bad(f"unknown entry {unknown[0]!r}; the tables are [roles] and [run_as.*]")
         table = data.get("roles", {})
         if not isinstance(table, dict):
-            raise InvalidArgument(f"policy file {path}: [roles] must be a table")
+            raise bad("[roles] must be a table")
         roles: dict[str, Role] = {}
         for name, role in table.items():
+            if is_reserved(name):
+                raise bad(f"[roles] {name!r}: {_reserved_text(name)}")
             try:
                 roles[name] = Role(role)
             except ValueError:
-                raise InvalidArgument(
-                    f"policy file {path}: role {role!r} for {name!r} is not one of "
-                    f"{', '.join(Role)}"
-                ) from None
+                raise bad(f"role {role!r} for {name!r} is not one of {', '.join(Role)}") from None
         run_as = data.get("run_as", {})
-        if not isinstance(run_as, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and v for k, v in run_as.items()
+        if not isinstance(run_as, dict) or any(
+            k not in _RUN_AS_TABLES or not isinstance(v, dict) for k, v in run_as.items()
         ):
-            raise InvalidArgument(
-                f'policy file {path}: [run_as] must map names to accounts ("user[:group]")'
-            )
-        return cls(roles, run_as)
+            raise bad(_flat_run_as(run_as))
+        by_role: dict[Role, str] = {}
+        for role, account in run_as.get("roles", {}).items():
+            if role not in set(Role):
+                raise bad(
+                    f"[run_as.roles] {role!r} is not a role ({', '.join(Role)}); an identity's "
+                    "account goes in [run_as.identities]"
+                )
+            by_role[Role(role)] = _account(bad, f"[run_as.roles] {role}", account)
+        by_name: dict[str, str] = {}
+        for name, account in run_as.get("identities", {}).items():
+            if is_reserved(name):
+                raise bad(f"[run_as.identities] {name!r}: {_reserved_text(name)}")
+            by_name[name] = _account(bad, f"[run_as.identities] {name}", account)
+        return cls(roles, by_role, by_name)
+
+
+def _reserved_text(name: str) -> str:
+    hint = "; a role's account goes in [run_as.roles]" if name.casefold() in set(Role) else ""
+    reserved = ", ".join(sorted(RESERVED_NAMES))
+    return f"{name!r} is a reserved name, never an identity ({reserved}){hint}"
+
+
+def _account(bad: Callable[[str], InvalidArgument], where: str, account: object) -> str:
+    if not isinstance(account, str) or not account.strip():
+        raise bad(f'{where}: the account must be a non-empty "user" or "user:group"')
+    return account
+
+
+def _flat_run_as(run_as: object) -> str:
+    """The one-line refusal of the old flat ``[run_as]`` table, with its rewrite."""
+    if not isinstance(run_as, dict):
+        return "run_as must hold the tables [run_as.roles] and [run_as.identities]"
+    roles = [f"{k} = {v!r}" for k, v in run_as.items() if k in set(Role)]
+    names = [f"{k} = {v!r}" for k, v in run_as.items() if k not in set(Role)]
+    rewrite = "; ".join(
+        f"[run_as.{table}] {', '.join(entries)}"
+        for table, entries in (("roles", roles), ("identities", names))
+        if entries
+    )
+    return (
+        "the flat [run_as] table (identities and roles mixed) is no longer read; put roles' "
+        "accounts under [run_as.roles] and identities' under [run_as.identities]"
+        + (f", here: {rewrite}" if rewrite else "")
+    )
 
 
 def identity_from_certificate(pem: bytes, policy: Policy | None = None) -> Identity:
     """The identity of an already verified client certificate.
 
-    Identity = the subject's common name; role = the policy's entry for it, else the one
-    organizational unit of the subject that names a role. A certificate without the clientAuth
-    extended key usage is refused here too (the TLS layer already refuses it; this keeps the
-    rule true if that ever changes).
+    Identity = the subject's common name, which must not be a reserved name
+    (:data:`RESERVED_NAMES`: a role, ``ca`` or ``server``); role = the policy's entry for it,
+    else the one organizational unit of the subject that names a role. A certificate without
+    the clientAuth extended key usage is refused here too (the TLS layer already refuses it;
+    this keeps the rule true if that ever changes).
 
     Raises :class:`Unauthenticated` when any of that is missing or ambiguous.
     """
@@ -181,6 +252,11 @@ def identity_from_certificate(pem: bytes, policy: Policy | None = None) -> Ident
     if len(names) != 1 or not names[0]:
         raise Unauthenticated("the client certificate must have exactly one common name")
     name = names[0]
+    if is_reserved(name):
+        raise Unauthenticated(
+            f"the client certificate's common name {name!r} is a reserved name, not an "
+            f"identity ({', '.join(sorted(RESERVED_NAMES))})"
+        )
     if policy is not None and name in policy.roles:
         return Identity(name, policy.roles[name])
     units = {
