@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -23,11 +24,11 @@ import click
 
 from jobworker.cgroup import controllers
 from jobworker.cgroup.devices import resolve_limits
-from jobworker.errors import JobworkerError, LimitUnavailable
+from jobworker.errors import InvalidArgument, JobworkerError, LimitUnavailable
 from jobworker.limits import Limits
 from jobworker.manager import DEFAULT_STOP_GRACE, JobManager
 from jobworker.server import service
-from jobworker.server.accounts import DEFAULT_JOB_ACCOUNT
+from jobworker.server.accounts import DEFAULT_UID_RANGE, Accounts, IdentityUids, UidRange
 from jobworker.server.authz import Policy
 from jobworker.server.debug import DebugServer, Metrics
 from jobworker.server.policy import effective_limits
@@ -55,9 +56,12 @@ class Config:
     default_limits: Limits = field(default_factory=Limits)
     max_limits: Limits = field(default_factory=Limits)
     policy_file: Path | None = None
-    job_account: str | None = DEFAULT_JOB_ACCOUNT
-    """Unix account jobs run as unless the policy names one (``None``: the daemon's own user;
-    only a root daemon can switch)."""
+    job_account: str | None = None
+    """Unix account (``user[:group]``) for every identity the policy does not map, instead of
+    its own uid (``None``, the default: each identity gets a uid from ``uid_range``). A daemon
+    that is not root can only run jobs as itself, so it must name its own user here."""
+    uid_range: UidRange = DEFAULT_UID_RANGE
+    """Where identities' own uids come from (gid = uid); recorded in STATE/identities.json."""
     debug_address: str | None = None
     """``HOST:PORT`` on loopback for /metrics and /debug/*; ``None`` = off."""
 
@@ -128,11 +132,11 @@ async def serve(config: Config) -> Daemon:
     defaults = resolve_limits(config.default_limits)
     caps = resolve_limits(config.max_limits)
     effective_limits(defaults, Limits(), caps)  # the defaults must respect the caps
-    settings = service.Settings(policy, defaults, caps, config.job_account)
+    settings = service.Settings(policy, defaults, caps, config.job_account, _accounts(config))
     # Every account the configuration names must exist (fail now, not at the first Start).
-    for account in {config.job_account, *(policy.run_as.values() if policy else ())}:
-        if account:
-            settings.accounts.credentials(account)
+    named = {config.job_account} if config.job_account is not None else set()
+    for account in sorted(named | (policy.accounts() if policy else set())):
+        settings.accounts.credentials(account)
     metrics = Metrics()
     loop = asyncio.get_running_loop()
     async with contextlib.AsyncExitStack() as undo:
@@ -173,6 +177,33 @@ async def serve(config: Config) -> Daemon:
     daemon = Daemon(manager, server, debug, metrics, config.stop_grace)
     log.info("listening on %s (port %d)", config.listen, server.port)
     return daemon
+
+
+def _accounts(config: Config) -> Accounts:
+    """The account resolver for ``config``: per-identity uids unless ``job_account`` replaces
+    them. Raises :class:`InvalidArgument` for an empty ``job_account``, or per-identity uids
+    asked of a daemon that is not root; :class:`HostError` for an unusable identities file."""
+    if config.job_account is not None and not config.job_account.strip():
+        raise InvalidArgument(
+            "--job-user is empty: name an account (USER[:GROUP]) for every identity the policy "
+            "does not map, or leave it out to give each identity a uid of its own"
+        )
+    if config.job_account is not None:
+        log.info(
+            "jobs of identities the policy does not map run as %r (--job-user)", config.job_account
+        )
+        return Accounts()
+    if os.geteuid() != 0:
+        raise InvalidArgument(
+            "per-identity uids need a root daemon; give --job-user with the daemon's own user "
+            "to run every job as it"
+        )
+    uids = IdentityUids.open(config.state_dir, config.uid_range)
+    log.info(
+        "jobs of identities the policy does not map run as uids of their own from %s",
+        config.uid_range,
+    )
+    return Accounts(uids)
 
 
 async def run(config: Config) -> None:
@@ -262,15 +293,24 @@ def _env(name: str) -> str:
     "policy_file",
     type=click.Path(dir_okay=False, path_type=Path),
     envvar=_env("POLICY"),
-    help='TOML file: [roles] name = "admin" overrides certificate roles; [run_as] name or '
-    'role = "user[:group]" picks the Unix account jobs run as.',
+    help='TOML file: [roles] NAME = "ROLE" overrides certificate roles; [run_as.identities] '
+    'NAME = "user[:group]" and [run_as.roles] ROLE = "user[:group]" pick the Unix account '
+    "an identity's jobs run as.",
 )
 @click.option(
     "--job-user",
-    default=DEFAULT_JOB_ACCOUNT,
     envvar=_env("JOB_USER"),
-    help="Unix account (user[:group]) jobs run as when the policy names none. Jobs run as root "
-    "only if this or the policy says root.",
+    help="Unix account (user[:group]) for the jobs of every identity the policy does not map, "
+    "instead of a uid of its own. Jobs run as root only if this or the policy says root.  "
+    "[default: each identity its own uid from --uid-range]",
+)
+@click.option(
+    "--uid-range",
+    default=str(DEFAULT_UID_RANGE),
+    envvar=_env("UID_RANGE"),
+    metavar="FIRST-LAST",
+    help="uids (gid = uid) the daemon gives identities, one each, recorded in "
+    "STATE/identities.json; no account of the host may be in it (those uids are skipped).",
 )
 @click.option(
     "--default-cpu", envvar=_env("DEFAULT_CPU"), help="CPU cores for jobs that ask for none."
@@ -328,7 +368,8 @@ def main(
     cgroup_name: str,
     stop_grace: float,
     policy_file: Path | None,
-    job_user: str,
+    job_user: str | None,
+    uid_range: str,
     default_cpu: str | None,
     default_cpu_weight: str | None,
     default_memory: str | None,
@@ -368,6 +409,7 @@ def main(
             max_limits=_limits(max_cpu, max_cpu_weight, max_memory, max_io, max_pids),
             policy_file=policy_file,
             job_account=job_user,
+            uid_range=UidRange.parse(uid_range),
             debug_address=debug_addr,
         )
         asyncio.run(run(config))

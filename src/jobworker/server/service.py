@@ -34,7 +34,7 @@ from jobworker.cgroup.devices import resolve_limits
 from jobworker.errors import HostError, InvalidArgument, JobworkerError
 from jobworker.limits import Limits
 from jobworker.manager import JobManager
-from jobworker.server.accounts import Accounts
+from jobworker.server.accounts import Accounts, printable
 from jobworker.server.authz import (
     Action,
     Identity,
@@ -86,12 +86,17 @@ class Settings:
     max_limits: Limits = field(default_factory=Limits)
     """Caps: a request above one is refused; an unset field gets the cap."""
     job_account: str | None = None
-    """Unix account jobs run as unless the policy names one; ``None``: the daemon's own."""
+    """Unix account (``user[:group]``) for every identity the policy does not map; ``None``:
+    each identity's own uid from ``accounts.uids``."""
     accounts: Accounts = field(default_factory=Accounts)
 
     def credentials_for(self, identity: Identity) -> Credentials | None:
-        account = (self.policy.account_for(identity) if self.policy else None) or (self.job_account)
-        return self.accounts.credentials(account) if account else None
+        """Who ``identity``'s jobs run as: the policy's ``[run_as.identities]`` entry, else its
+        ``[run_as.roles]`` entry, else ``job_account``, else the identity's own uid."""
+        named = self.policy.account_for(identity) if self.policy else None
+        return self.accounts.for_identity(
+            identity.name, named if named is not None else self.job_account
+        )
 
 
 def _check_id(job_id: str) -> str:
@@ -100,6 +105,19 @@ def _check_id(job_id: str) -> str:
     if len(job_id.encode()) > MAX_JOB_ID_BYTES:
         raise InvalidArgument(f"a job id is at most {MAX_JOB_ID_BYTES} bytes")
     return job_id
+
+
+MAX_LOGGED_ARGV = 512
+"""Characters of a job's argv in the daemon's log line for its start (argv may be 1 MiB)."""
+
+
+def _argv(spec: JobSpec) -> str:
+    """The argv for a log line: each argument escaped (``repr``), cut at :data:`MAX_LOGGED_ARGV`
+    characters. The environment is never logged: its values are the place for secrets."""
+    text = repr(list(spec.argv))
+    if len(text) <= MAX_LOGGED_ARGV:
+        return text
+    return f"{text[:MAX_LOGGED_ARGV]}... ({len(spec.argv)} arguments, cut)"
 
 
 def _details(message: str) -> str:
@@ -222,7 +240,7 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
                 limits=limits,
             )
             status = await self._mgr.start(spec, self._settings.credentials_for(identity))
-            log.info("job %s started by %s: %s", status.id, identity.name, list(spec.argv))
+            log.info("job %s started by %s: %s", status.id, printable(identity.name), _argv(spec))
             return pb.StartResponse(id=status.id, status=convert.status_to_pb(status))
         raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
 
