@@ -16,13 +16,16 @@ import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from jobworker import JobManager
 from jobworker.client import Client
-from jobworker.client.pki import init_pki
+from jobworker.client.pki import _issue, init_pki, load_ca, write_pair
 from jobworker.server.daemon import Config, Daemon, serve
 from jobworker.tls import Paths
 from tests.conftest import cgroup2_usable, wait_for
@@ -50,6 +53,26 @@ def make_config(state_dir: Path, pki: Path, cgroup_name: str, **kwargs: object) 
         # granted explicitly. Least privilege has tests of its own.
         **{"job_account": "root", **kwargs},  # type: ignore[arg-type]
     )
+
+
+def forged_cert(pki: Path, out: Path, common_name: str, unit: str) -> tuple[Path, Path]:
+    """A clientAuth certificate from the test CA with any common name (``certs init`` refuses
+    reserved and odd names; another CA might not): ``(cert, key)`` in ``out``."""
+    ca_cert, ca_key = load_ca(pki)
+    out.mkdir(exist_ok=True)
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+    now = datetime.now(UTC) - timedelta(minutes=5)
+    pair = write_pair(
+        out,
+        "forged",
+        *_issue(ca_cert, ca_key, subject, ExtendedKeyUsageOID.CLIENT_AUTH, now=now, days=1),
+    )
+    return pair.cert, pair.key
 
 
 def other_tasks() -> set[asyncio.Task[object]]:

@@ -11,6 +11,7 @@ from tests.integration import daemon_harness as harness
 import grpc
 
 # isort: on
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -229,3 +230,41 @@ async def test_policy_file_gives_a_role(tmp_path: Path, pki_dir: Path, cgroup_na
                 await alice.start(["true"])
     finally:
         await d.close()
+
+
+@pytest.mark.parametrize("name", ["admin", "viewer", "user", "server"])
+async def test_certificate_named_like_a_role_is_unauthenticated(
+    daemon: Daemon, pki_dir: Path, tmp_path: Path, name: str
+) -> None:
+    """A CN "admin" with OU user, from the daemon's own CA: its name would read as a role in
+    the policy file, so it is no identity at all."""
+    cert, key = harness.forged_cert(pki_dir, tmp_path, name, "user")
+    async with Client.from_files(f"127.0.0.1:{daemon.port}", pki_dir / "ca.pem", cert, key) as c:
+        with pytest.raises(Unauthenticated, match=f"common name '{name}' is a reserved name"):
+            await c.start(["true"])
+        with pytest.raises(Unauthenticated):
+            await c.list()
+    assert daemon.manager.list() == []
+    # the control: the same kind of certificate with another name is an identity
+    ok_cert, ok_key = harness.forged_cert(pki_dir, tmp_path / "ok", f"{name}1", "user")
+    address = f"127.0.0.1:{daemon.port}"
+    async with Client.from_files(address, pki_dir / "ca.pem", ok_cert, ok_key) as c:
+        assert (await c.start(["true"])).owner == f"{name}1"
+
+
+async def test_a_common_name_cannot_forge_log_lines(
+    daemon: Daemon, pki_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    forged = "mallory\nINFO jobworker.server.service: job x started by root"
+    cert, key = harness.forged_cert(pki_dir, tmp_path, forged, "user")
+    address = f"127.0.0.1:{daemon.port}"
+    with caplog.at_level(logging.DEBUG):
+        async with Client.from_files(address, pki_dir / "ca.pem", cert, key) as c:
+            st = await c.start(["echo", "two\nlines"])
+    assert st.owner == forged  # the identity itself is kept as it is
+    started = [r.getMessage() for r in caplog.records if f"job {st.id} started" in r.getMessage()]
+    assert started == [
+        f"job {st.id} started by mallory\\nINFO "
+        "jobworker.server.service: job x started by root: ['echo', 'two\\nlines']"
+    ]
+    assert all("\n" not in r.getMessage() for r in caplog.records if r.name.startswith("jobworker"))

@@ -11,11 +11,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from jobworker.client.pki import RESERVED_NAMES as PKI_RESERVED
 from jobworker.client.pki import init_pki, load_ca, make_ca
 from jobworker.errors import InvalidArgument, JobNotFound, PermissionDenied, Unauthenticated
 from jobworker.identity import Role
 from jobworker.server.authz import (
     MATRIX,
+    RESERVED_NAMES,
     Action,
     Decision,
     Identity,
@@ -115,6 +117,18 @@ def test_policy_overrides_certificate_role(ca: Path, tmp_path: Path) -> None:
         ('[roles]\nalice = "root"\n', "role 'root' for 'alice'"),
         ("roles = 3\n", r"\[roles\] must be a table"),
         ("[roles\n", "policy file"),
+        ('[roles]\nadmin = "viewer"\n', "'admin' is a reserved name"),
+        ('[run-as.roles]\nadmin = "root"\n', "unknown entry 'run-as'"),
+        ('[run_as.roles]\nops = "root"\n', r"\[run_as.roles\] 'ops' is not a role"),
+        ('[run_as.roles]\nadmin = ""\n', r"\[run_as.roles\] admin: the account must be"),
+        ('[run_as.identities]\nalice = " "\n', "alice: the account must be a non-empty"),
+        ("[run_as.identities]\nalice = 0\n", "alice: the account must be a non-empty"),
+        (
+            '[run_as.identities]\nadmin = "root"\n',
+            r"'admin' is a reserved name.*goes in \[run_as.roles\]",
+        ),
+        ('run_as = "root"\n', "must hold the tables"),
+        ('[run_as]\nroles = "x"\n', "flat"),
     ],
 )
 def test_bad_policy_file(tmp_path: Path, text: str, message: str) -> None:
@@ -180,3 +194,50 @@ def test_auth_context(ca: Path) -> None:
         identity_from_auth_context({"transport_security_type": [b"insecure"]})
     with pytest.raises(Unauthenticated, match="no verified client certificate"):
         identity_from_auth_context({"transport_security_type": [b"ssl"]})
+
+
+def test_run_as_tables_keep_names_and_roles_apart(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(
+        '[roles]\nbob = "admin"\n'
+        '[run_as.roles]\nadmin = "root"\nuser = "nobody"\n'
+        '[run_as.identities]\nalice = "alice:staff"\nuser1 = "daemon"\n'
+    )
+    policy = Policy.load(path)
+    assert policy.account_for(Identity("alice", Role.USER)) == "alice:staff"
+    assert policy.account_for(Identity("alice", Role.ADMIN)) == "alice:staff"  # name first
+    assert policy.account_for(Identity("bob", Role.ADMIN)) == "root"
+    assert policy.account_for(Identity("carol", Role.USER)) == "nobody"
+    assert policy.account_for(Identity("vera", Role.VIEWER)) is None  # the daemon decides
+    assert policy.accounts() == {"root", "nobody", "alice:staff", "daemon"}
+
+
+def test_flat_run_as_is_refused_with_its_rewrite(tmp_path: Path) -> None:
+    """The old form mixed identities and roles in one table, so an identity named like a role
+    was granted that role's account."""
+    path = tmp_path / "policy.toml"
+    path.write_text('[run_as]\nadmin = "root"\nalice = "alice:staff"\n')
+    with pytest.raises(InvalidArgument) as e:
+        Policy.load(path)
+    message = str(e.value)
+    assert "\n" not in message
+    assert "[run_as.roles] admin = 'root'" in message
+    assert "[run_as.identities] alice = 'alice:staff'" in message
+
+
+def test_reserved_names_are_the_roles_ca_and_server() -> None:
+    assert RESERVED_NAMES == {"admin", "user", "viewer", "ca", "server"} == PKI_RESERVED
+
+
+@pytest.mark.parametrize("name", ["admin", "user", "viewer", "ca", "server", "Admin", "USER"])
+def test_a_reserved_common_name_is_not_an_identity(ca: Path, name: str) -> None:
+    pem = custom_cert(
+        ca,
+        [(NameOID.COMMON_NAME, name), (NameOID.ORGANIZATIONAL_UNIT_NAME, "user")],
+        [ExtendedKeyUsageOID.CLIENT_AUTH],
+    )
+    with pytest.raises(Unauthenticated, match="reserved name"):
+        identity_from_certificate(pem)
+    # ... not even when a policy file names it
+    with pytest.raises(Unauthenticated, match="reserved name"):
+        identity_from_certificate(pem, Policy({name: Role.VIEWER}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,6 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from jobworker.client.pki import (
+    DEFAULT_USERS,
+    RESERVED_NAMES,
     CertPair,
     PkiError,
     init_pki,
@@ -40,14 +43,14 @@ def test_defaults_make_ca_server_and_three_users(tmp_path: Path) -> None:
     names = sorted(p.name for p in (tmp_path / "pki").iterdir())
     assert names == sorted(
         f"{stem}{suffix}"
-        for stem in ("ca", "server", "admin", "alice", "viewer")
+        for stem in ("ca", "server", "ops", "alice", "vera")
         for suffix in (".pem", "-key.pem")
     )
     roles = {n: identity_from_certificate(p.cert.read_bytes()).role for n, p in pki.users.items()}
     assert roles == {
-        "admin": Role.ADMIN,
+        "ops": Role.ADMIN,
         "alice": Role.USER,
-        "viewer": Role.VIEWER,
+        "vera": Role.VIEWER,
     }
 
 
@@ -125,8 +128,12 @@ def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
         ("bob:root", "unknown role 'root'"),
         (":user", "user name ''"),
         ("../x:user", "user name"),
-        ("ca:admin", "not be 'ca' or 'server'"),
-        ("server:admin", "not be 'ca' or 'server'"),
+        ("ca:admin", "'ca' is reserved"),
+        ("server:admin", "'server' is reserved"),
+        ("admin:admin", "'admin' is reserved"),
+        ("user:user", "'user' is reserved"),
+        ("viewer:viewer", "'viewer' is reserved"),
+        ("Viewer:user", "'Viewer' is reserved"),
     ],
 )
 def test_parse_user_rejects(text: str, message: str) -> None:
@@ -150,3 +157,81 @@ def test_invalid_request_writes_nothing(tmp_path: Path) -> None:
 def test_certpair_paths(tmp_path: Path) -> None:
     pki = init_pki(tmp_path, [("bob", "user")])
     assert pki.users["bob"] == CertPair(tmp_path / "bob.pem", tmp_path / "bob-key.pem")
+
+
+def test_default_users_are_not_reserved_names() -> None:
+    assert [n for n, _ in DEFAULT_USERS] == ["ops", "alice", "vera"]
+    assert not {n for n, _ in DEFAULT_USERS} & RESERVED_NAMES
+
+
+def test_reserved_name_writes_nothing(tmp_path: Path) -> None:
+    with pytest.raises(PkiError, match="'admin' is reserved"):
+        init_pki(tmp_path / "d", [("admin", "admin")])
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("left", ["ca.pem", "ca-key.pem"])
+def test_half_a_ca_is_not_replaced(tmp_path: Path, left: str) -> None:
+    """A directory whose CA key was moved offline (the README says to) must not silently get a
+    new CA: every certificate already given out would stop working, and users added then would
+    belong to another CA."""
+    init_pki(tmp_path, [("bob", "user")])
+    other = "ca-key.pem" if left == "ca.pem" else "ca.pem"
+    before = (tmp_path / left).read_bytes()
+    (tmp_path / other).unlink()
+    with pytest.raises(PkiError, match=f"has {left} but no {other}"):
+        init_pki(tmp_path, [("carol", "user")])
+    assert (tmp_path / left).read_bytes() == before
+    assert not (tmp_path / other).exists() and not (tmp_path / "carol.pem").exists()
+    forced = init_pki(tmp_path, [("carol", "user")], force=True)  # starting over is explicit
+    assert forced.ca.key.exists() and (tmp_path / left).read_bytes() != before
+
+
+@pytest.mark.parametrize("stem", ["carol-key", "carol", "ca-key", "server-key"])
+def test_a_dangling_symlink_is_never_followed(tmp_path: Path, stem: str) -> None:
+    directory = tmp_path / "pki"
+    directory.mkdir(mode=0o700)
+    outside = tmp_path / "outside" / "stolen.pem"
+    outside.parent.mkdir()
+    (directory / f"{stem}.pem").symlink_to(outside)
+    # ca-key.pem alone: refused as half a CA, before it could be written through
+    with pytest.raises(PkiError, match=f"{stem}.pem already exists|has ca-key.pem but no"):
+        init_pki(directory, [("carol", "user")])
+    assert not outside.exists()
+    init_pki(directory, [("carol", "user")], force=True)  # replaces the link, not its target
+    assert not outside.exists()
+    assert not (directory / f"{stem}.pem").is_symlink()
+    assert stat.S_IMODE((directory / "carol-key.pem").stat().st_mode) == 0o600
+
+
+def test_a_symlink_planted_after_the_checks_is_not_followed(tmp_path: Path) -> None:
+    """The write itself refuses a link (O_EXCL|O_NOFOLLOW), not only the check before it."""
+    init_pki(tmp_path, [("bob", "user")])
+    ca_cert, ca_key = load_ca(tmp_path)
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.pem"
+    (tmp_path / "late-key.pem").symlink_to(outside)
+    with pytest.raises(PkiError, match=r"late-key\.pem already exists"):
+        write_pair(tmp_path, "late", *issue_client(ca_cert, ca_key, "late", Role.USER))
+    assert not outside.exists()
+
+
+@pytest.mark.parametrize("mode", [0o770, 0o702, 0o777, 0o1777])
+def test_a_directory_others_can_write_is_refused(tmp_path: Path, mode: int) -> None:
+    directory = tmp_path / "pki"
+    directory.mkdir()
+    directory.chmod(mode)
+    with pytest.raises(PkiError, match="writable by its group or others"):
+        init_pki(directory, [("bob", "user")])
+    assert list(directory.iterdir()) == []
+    assert stat.S_IMODE(directory.stat().st_mode) == mode
+
+
+def test_a_directory_of_another_user_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the directory away")
+    directory = tmp_path / "pki"
+    directory.mkdir(mode=0o700)
+    os.chown(directory, 65534, 65534)
+    with pytest.raises(PkiError, match="belongs to uid 65534, not to you"):
+        init_pki(directory, [("bob", "user")])
+    assert list(directory.iterdir()) == []

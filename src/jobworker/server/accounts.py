@@ -166,7 +166,7 @@ class IdentityUids:
             owner = _owner_of(uid)
             if owner is not None:
                 raise HostError(
-                    f"{path}: identity {printable(name)!r} has uid {uid}, which {owner} now "
+                    f"{path}: identity '{printable(name)}' has uid {uid}, which {owner} now "
                     "holds in the host's account database; its jobs would run as that "
                     "account. Remove that account (or the entry, giving the identity a new uid)"
                 )
@@ -328,7 +328,7 @@ class Accounts:
             return self.credentials(account)
         if self.uids is None:
             raise HostError(
-                f"no account for identity {printable(name)!r}: the configuration names none "
+                f"no account for identity '{printable(name)}': the configuration names none "
                 "and per-identity uids are off"
             )
         return self.uids.credentials(name)
