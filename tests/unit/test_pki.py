@@ -178,7 +178,9 @@ def test_half_a_ca_is_not_replaced(tmp_path: Path, left: str) -> None:
     init_pki(tmp_path, [("bob", "user")])
     other = "ca-key.pem" if left == "ca.pem" else "ca.pem"
     before = (tmp_path / left).read_bytes()
-    (tmp_path / other).unlink()
+    # What a user's ~/.config/jobworker/pki holds: ca.pem and their own pair, no server files.
+    for name in (other, "server.pem", "server-key.pem"):
+        (tmp_path / name).unlink()
     with pytest.raises(PkiError, match=f"has {left} but no {other}"):
         init_pki(tmp_path, [("carol", "user")])
     assert (tmp_path / left).read_bytes() == before
