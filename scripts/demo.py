@@ -30,6 +30,8 @@ BIN = Path(sys.executable).parent
 HOST, PORT = "127.0.0.1", 50051
 ADDR = f"{HOST}:{PORT}"
 USER = "alice"
+ADMIN, VIEWER = "ops", "vera"
+"""The other default users of `worker certs init` (no user may be named like a role)."""
 READY_TIMEOUT = 30.0
 CGROUP_NAME = "jobworker-dev"
 
@@ -112,11 +114,16 @@ def check_host() -> frozenset[str]:
 
 
 def ensure_pki() -> None:
-    if (PKI / "ca.pem").exists() and (PKI / f"{USER}.pem").exists():
+    users = {USER: "user", ADMIN: "admin", VIEWER: "viewer"}
+    missing = [n for n in users if not (PKI / f"{n}.pem").exists()]
+    if (PKI / "ca.pem").exists() and not missing:
         say(f"reusing the dev PKI in {PKI.relative_to(ROOT)}")
         return
-    result = show(["worker", "certs", "init", "--dir", str(PKI.relative_to(ROOT))])
-    if result.returncode != 0:
+    argv = ["worker", "certs", "init", "--dir", str(PKI.relative_to(ROOT))]
+    if (PKI / "ca.pem").exists():
+        # A dev PKI from before the default users were renamed (admin, viewer): add them.
+        argv += [a for n in missing for a in ("--user", f"{n}:{users[n]}")]
+    if show(argv).returncode != 0:
         fail("could not create the dev PKI (see above)")
 
 
@@ -250,10 +257,10 @@ and .venv/bin on PATH):
   id=$(worker start -- sh -c 'for i in $(seq 10); do date; sleep 1; done')
   worker logs -f "$id"              # also: worker -f logs "$id"
   worker status "$id"; worker status --json "$id"
-  worker list                       # your jobs;  WORKER_USER=admin worker list --all
+  worker list                       # your jobs;  WORKER_USER={ADMIN} worker list --all
   worker wait "$id"; echo "$?"
   id=$(worker start -- sleep 600); worker stop "$id"
-  WORKER_USER=viewer worker stop "$id"   # refused: viewers may only read
+  WORKER_USER={VIEWER} worker stop "$id"     # refused: viewers may only read
   worker run -- seq 1000000 | head -3   # ends quietly and stops the job, as `seq | head` would
   worker run -- sleep 600              # Ctrl+C stops the job; a second Ctrl+C detaches
   worker --help                         # every command, the exit codes
