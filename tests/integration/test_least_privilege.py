@@ -23,7 +23,7 @@ from jobworker.client import Client
 from jobworker.errors import HostError, InvalidArgument
 from jobworker.server.accounts import IDENTITIES_FILE, UidRange
 from jobworker.server.daemon import Daemon, serve
-from tests.conftest import cgroup2_usable
+from tests.conftest import cgroup2_usable, wait_for
 
 pki_dir = harness.pki_dir
 NOBODY = pwd.getpwnam("nobody")
@@ -211,7 +211,7 @@ async def test_jobs_of_two_identities_cannot_touch_each_other(
                 f"mv {shared}/pid.new {shared}/pid; exec sleep 60"
             )
             st = await alice.start(["sh", "-c", script])
-            await harness.wait_for((shared / "pid").exists, what="alice's job to write its pid")
+            await wait_for((shared / "pid").exists, what="alice's job to write its pid")
             pid = (shared / "pid").read_text().strip()
             probe = f"kill -0 {pid} 2>&1; echo x >> {mine} 2>&1; echo end"
             lines = [x for x in (await output(bob, "sh", "-c", probe)).splitlines() if x]
