@@ -132,7 +132,9 @@ async def serve(config: Config) -> Daemon:
     defaults = resolve_limits(config.default_limits)
     caps = resolve_limits(config.max_limits)
     effective_limits(defaults, Limits(), caps)  # the defaults must respect the caps
-    settings = service.Settings(policy, defaults, caps, config.job_account, _accounts(config))
+    settings = service.Settings(
+        policy, defaults, caps, config.job_account, accounts=_accounts(config)
+    )
     # Every account the configuration names must exist (fail now, not at the first Start).
     named = {config.job_account} if config.job_account is not None else set()
     for account in sorted(named | (policy.accounts() if policy else set())):
