@@ -24,6 +24,7 @@ import click
 from jobworker.cgroup import controllers
 from jobworker.cgroup.devices import resolve_limits
 from jobworker.errors import JobworkerError, LimitUnavailable
+from jobworker.identity import Role
 from jobworker.limits import Limits
 from jobworker.manager import DEFAULT_STOP_GRACE, JobManager
 from jobworker.server import service
@@ -31,7 +32,7 @@ from jobworker.server.accounts import DEFAULT_JOB_ACCOUNT
 from jobworker.server.authz import Policy
 from jobworker.server.debug import DebugServer, Metrics
 from jobworker.server.policy import effective_limits
-from jobworker.spec import JobState
+from jobworker.spec import JobState, Network
 from jobworker.tls import Paths, load_server
 
 log = logging.getLogger("jobworker.server.daemon")
@@ -60,6 +61,10 @@ class Config:
     only a root daemon can switch)."""
     debug_address: str | None = None
     """``HOST:PORT`` on loopback for /metrics and /debug/*; ``None`` = off."""
+    default_network: Network = Network.HOST
+    """The network of a sandboxed job that does not ask for one."""
+    host_network_roles: frozenset[Role] = frozenset(Role)
+    """Roles whose jobs may use the host's network."""
 
 
 class Daemon:
@@ -128,7 +133,14 @@ async def serve(config: Config) -> Daemon:
     defaults = resolve_limits(config.default_limits)
     caps = resolve_limits(config.max_limits)
     effective_limits(defaults, Limits(), caps)  # the defaults must respect the caps
-    settings = service.Settings(policy, defaults, caps, config.job_account)
+    settings = service.Settings(
+        policy,
+        defaults,
+        caps,
+        config.job_account,
+        default_network=config.default_network,
+        host_network_roles=config.host_network_roles,
+    )
     # Every account the configuration names must exist (fail now, not at the first Start).
     for account in {config.job_account, *(policy.run_as.values() if policy else ())}:
         if account:
@@ -312,6 +324,13 @@ def _env(name: str) -> str:
     help="Loopback HOST:PORT for /metrics and /debug/* (off by default), e.g. 127.0.0.1:6060.",
 )
 @click.option(
+    "--default-network",
+    type=click.Choice([n.value for n in Network]),
+    default=Network.HOST.value,
+    envvar=_env("DEFAULT_NETWORK"),
+    help="Network of a job that asks for none: the host's, or none (only loopback, its own).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -340,6 +359,7 @@ def main(
     max_io: tuple[str, ...],
     max_pids: str | None,
     debug_addr: str | None,
+    default_network: str,
     log_level: str,
 ) -> None:
     """Serve jobworker over gRPC with mutual TLS 1.3.
@@ -369,6 +389,7 @@ def main(
             policy_file=policy_file,
             job_account=job_user,
             debug_address=debug_addr,
+            default_network=Network(default_network),
         )
         asyncio.run(run(config))
         # A failed RPC leaves reference cycles (error -> traceback -> frames -> call) holding
