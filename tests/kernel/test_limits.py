@@ -39,12 +39,15 @@ async def test_memory_limit_oom_kills_the_job(manager: JobManager, figure: dict[
     assert st.signal == 9 and st.exit_code is None, st
     assert st.usage is not None
     peak = st.usage.memory_peak
-    if peak is not None:  # memory.peak: 5.19+
-        assert peak <= 50 * MiB
     figure["memory.max 50M, 200M allocation"] = (
         f"oom_killed={st.oom_killed} signal={st.signal} "
         f"peak={'n/a' if peak is None else f'{peak / MiB:.1f}M'}"
     )
+    # The VM's kernel (Debian 12, 6.1) has memory.peak (5.19+): a missing peak is a bug here.
+    assert peak is not None, "status has no memory peak on a kernel with memory.peak"
+    # The job is killed when a charge would take it over the limit: its peak is the limit, or a
+    # few pages under it. A peak far under it would mean the job died of something else.
+    assert 40 * MiB <= peak <= 50 * MiB, f"memory peak {peak / MiB:.1f}M"
 
 
 async def test_cpu_limit_gives_a_fifth_of_a_cpu(
