@@ -18,6 +18,11 @@ from pathlib import Path
 
 import pytest
 
+# Sandboxed jobs (every daemon job, by default) get a private /tmp: the files tests hand to their
+# jobs (scripts, gates, working directories) live under /var/tmp instead. pytest reads this
+# when it first makes tmp_path's base directory.
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", "/var/tmp")
+
 from jobworker import JobManager
 from jobworker.cgroup.discovery import own_cgroup_dir
 
