@@ -627,7 +627,7 @@ async def test_spec_roundtrip_through_api(daemon: Daemon, connect: Connect) -> N
     st = await alice.start(["env"], env={"A": "1"}, cwd="/tmp")
     await alice.wait(st.id)
     assert daemon.manager.spec(st.id) == JobSpec(
-        argv=("env",), env={"A": "1"}, cwd="/tmp", owner="alice"
+        argv=("env",), env={"A": "1"}, cwd="/tmp", owner="alice", sandbox=Sandbox(Network.HOST)
     )
 
 
