@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from jobworker import IOLimit, JobManager, JobSpec, JobState, Limits
+from jobworker import IOLimit, JobManager, JobSpec, JobState, Limits, Network, Sandbox
 from jobworker.api.proto import pb, pb_grpc
 from jobworker.cgroup import controllers
 from jobworker.cgroup.devices import resolve_limits
