@@ -129,7 +129,8 @@ async def _terminate(
 ) -> None:
     """SIGTERM to every process in the group, frozen so none can fork or exit meanwhile
     (no pid can be reused between reading cgroup.procs and kill). A process that refuses the
-    signal (EPERM: a setuid program under a non-root manager) is left to ``cgroup.kill``."""
+    signal (EPERM: a setuid program under a non-root manager) is left to ``cgroup.kill``.
+    ``skip``: a sandbox's init, which is not the job's and ends with its main process."""
     tree.freeze(group, True)
     try:
         with contextlib.suppress(TimeoutError):
