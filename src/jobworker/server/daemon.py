@@ -67,6 +67,18 @@ class Config:
     """Roles whose jobs may use the host's network."""
 
 
+def _secrets(config: Config) -> list[Path]:
+    """What sandboxed jobs must not see besides the state dir (the manager hides that): the
+    daemon's key and certificate, a ``certs init`` directory's CA key, the policy file."""
+    paths = [config.tls.key, config.tls.cert]
+    ca_key = config.tls.key.parent / "ca-key.pem"
+    if ca_key.exists():
+        paths.append(ca_key)
+    if config.policy_file is not None:
+        paths.append(config.policy_file)
+    return paths
+
+
 class Daemon:
     """A running daemon; get one from :func:`serve`."""
 
@@ -153,6 +165,7 @@ async def serve(config: Config) -> Daemon:
             cgroup_root=config.cgroup_root,
             cgroup_name=config.cgroup_name,
             stop_grace=config.stop_grace,
+            hidden_paths=_secrets(config),
         )
         undo.push_async_callback(manager.close)
         # Both are applied to jobs (a cap is also the limit of a job that asks for nothing):
