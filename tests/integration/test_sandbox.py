@@ -210,6 +210,28 @@ async def test_the_state_dir_and_hidden_paths_are_masked_even_for_root(
     assert policy.read_text() == "x\n"  # the control wrote it: the masks were the sandbox's
 
 
+async def test_a_root_job_cannot_unmount_the_masks(public_dir: Path, cgroup_name: str) -> None:
+    """Masks only hide while they stay mounted: a sandboxed root job has no CAP_SYS_ADMIN to
+    unmount them (nor to mount, nor to setns out)."""
+    state = public_dir / "state"
+    secret = public_dir / "secret"
+    secret.mkdir()
+    (secret / "key.pem").write_text("SECRET-KEY\n")
+    async with opened(state, cgroup_name, hidden_paths=[secret]) as mgr:
+        probe = (
+            f"umount {secret} || echo umount-refused; umount -l {secret} || echo lazy-refused;"
+            f"cat {secret}/key.pem; grep CapBnd /proc/self/status"
+        )
+        _, out = await run(mgr, "sh", "-c", probe)
+        assert "SECRET" not in out, out
+        assert "umount-refused" in out and "lazy-refused" in out, out
+        bounding = int(out.split("CapBnd:")[1].split()[0], 16)
+        assert not bounding & (1 << 21), f"CAP_SYS_ADMIN still in the bounding set: {out}"
+        # The control: an unsandboxed root job keeps it.
+        _, out = await run(mgr, "sh", "-c", "grep CapBnd /proc/self/status", sandbox=None)
+        assert int(out.split("CapBnd:")[1].split()[0], 16) & (1 << 21)
+
+
 async def test_namespaces_are_new_and_the_hostname_is_the_hosts(manager: JobManager) -> None:
     kinds = ("pid", "mnt", "ipc", "uts", "net")
     probe = "hostname; " + "; ".join(f"readlink /proc/self/ns/{k}" for k in kinds)

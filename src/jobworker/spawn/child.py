@@ -60,6 +60,8 @@ PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PR_SET_NO_NEW_PRIVS = 38
+PR_CAPBSET_DROP = 24
+CAP_SYS_ADMIN = 21
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
@@ -444,6 +446,11 @@ class Spawner:
             if sandboxed:
                 stage = "no-new-privs"
                 _check(self.libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
+                # Without CAP_SYS_ADMIN even a root job cannot unmount the masks, mount, or
+                # setns out of its namespaces (dropped from the bounding set, so exec gives it
+                # no more; a user namespace it makes sees the masks locked).
+                stage = "capabilities"
+                _check(self.libc.prctl(PR_CAPBSET_DROP, CAP_SYS_ADMIN, 0, 0, 0))
             stage = "credentials"
             if gid >= 0:
                 os.setgroups(groups)
