@@ -409,7 +409,9 @@ async def test_job_that_closes_stdout_early(connect: Connect, tmp_path: Path) ->
     st = await alice.start(["sh", "-c", script])
     stream = alice.logs(st.id, follow=True)
     assert await anext(stream) == (0, b"before")
-    pipe = os.readlink(f"/proc/{st.pid}/fd/1")
+    # A sandboxed job's pid is its namespace's init; the shell is the init's one child.
+    (main,) = Path(f"/proc/{st.pid}/task/{st.pid}/children").read_text().split()
+    pipe = os.readlink(f"/proc/{main}/fd/1")
     assert pipe.startswith("pipe:") and holds(pipe)
     follower = asyncio.create_task(collect_rest(stream))
     closing.touch()
