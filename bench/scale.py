@@ -16,6 +16,15 @@ T = TypeVar("T")
 SETTLE_TIMEOUT = 60.0
 STATUS_CALLS = 1000
 LIST_CALLS = 50
+SANDBOX_PSS_SAMPLE = 100
+
+
+def _pss_kib(pid: int) -> float:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return float(line.split()[1])
+    raise SystemExit(f"bench: no Pss in /proc/{pid}/smaps_rollup")
 
 
 async def _bounded(n: int, concurrency: int, work: Callable[[int], Awaitable[T]]) -> list[T]:
@@ -75,6 +84,10 @@ async def run(settings: Settings, daemon: Workerd, log: Callable[[str], None]) -
         if running != n:
             raise SystemExit(f"bench: {running} job groups while {n} jobs should run")
         ids = [s.id for s in started]
+        # Each sandboxed job keeps one helper, its PID namespace's init (the job's reported
+        # pid): its proportional share of memory is the sandbox's cost per running job.
+        pss = [_pss_kib(s.pid) for s in started[:SANDBOX_PSS_SAMPLE]]
+        out["sandbox_init_pss_kib"] = sum(pss) / len(pss)
         rng = random.Random(1)
         status_ms = [await _timed(client.status(rng.choice(ids))) for _ in range(STATUS_CALLS)]
         list_ms = [await _timed(client.list(all=True)) for _ in range(LIST_CALLS)]

@@ -36,6 +36,7 @@ def _wall(argv: list[str]) -> float:
 async def run(settings: Settings, daemon: Workerd, log: Callable[[str], None]) -> dict[str, float]:
     n = settings.start_n
     rpc: list[float] = []
+    bare: list[float] = []
     fork: list[float] = []
     async with daemon.client() as client:
         sum0 = count0 = 0.0
@@ -50,9 +51,16 @@ async def run(settings: Settings, daemon: Workerd, log: Callable[[str], None]) -
             proc = subprocess.Popen([TRUE])
             t3 = time.perf_counter()
             proc.wait()
+            # The same start without the sandbox (an admin may ask), interleaved so both see
+            # the same machine.
+            t4 = time.perf_counter()
+            unsandboxed = await client.start([TRUE], sandbox=False)
+            t5 = time.perf_counter()
+            await client.wait(unsandboxed.id)
             if i >= WARMUP:
                 rpc.append((t1 - t0) * 1e3)
                 fork.append((t3 - t2) * 1e3)
+                bare.append((t5 - t4) * 1e3)
         sum1, count1 = _start_metric(daemon)
     library = await start_latency.measure(n)
     cli: list[float] = []
@@ -66,6 +74,8 @@ async def run(settings: Settings, daemon: Workerd, log: Callable[[str], None]) -
         "fork_exec_p50_ms": median(fork),
         "fork_exec_p99_ms": pct(fork, 0.99),
         "start_ratio_vs_fork_exec": median(rpc) / median(fork),
+        "start_unsandboxed_p50_ms": median(bare),
+        "sandbox_start_added_p50_ms": median(rpc) - median(bare),
         "start_server_mean_ms": (sum1 - sum0) / (count1 - count0) * 1e3,
         "start_library_p50_ms": library["start_p50_ms"],
         "start_library_p99_ms": library["start_p99_ms"],
@@ -75,7 +85,8 @@ async def run(settings: Settings, daemon: Workerd, log: Callable[[str], None]) -
         "cli_start_ratio_vs_python": median(cli) / median(python),
     }
     log(
-        f"start: RPC p50 {out['start_p50_ms']:.2f} ms (daemon-side mean "
+        f"start: RPC p50 {out['start_p50_ms']:.2f} ms sandboxed, "
+        f"{out['start_unsandboxed_p50_ms']:.2f} ms without (daemon-side mean "
         f"{out['start_server_mean_ms']:.2f}, library p50 {out['start_library_p50_ms']:.2f}), "
         f"fork/exec p50 {out['fork_exec_p50_ms']:.2f} ms; `worker start -- true` "
         f"{out['cli_start_wall_p50_ms']:.0f} ms vs `python -c pass` "

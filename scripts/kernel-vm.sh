@@ -188,18 +188,28 @@ pick_accel() {
   ACCEL=tcg
   if [ -w /dev/kvm ]; then
     # /dev/kvm can exist yet not boot a stock kernel (e.g. nested kvm_pvm): try a tiny guest.
-    # (qemu may abort; `; true` keeps the subshell from exec'ing it, so bash reports nothing.)
+    # Whatever qemu does (abort with SIGABRT, hang, exit non-zero) must not end this script:
+    # under `set -e` a failing command ends a subshell too, so the status is caught with `||`.
+    # The subshell runs in the probe directory with core dumps off, and its stderr (where bash
+    # reports "Aborted") goes to the probe's log, not the user's terminal.
     log "probing KVM ..."
-    local p
+    local p prc=0
     p=$(mktemp -d "$CACHE/probe.XXXX")
     mkdir -p "$p/root/bin" && cp "$CACHE/busybox" "$p/root/bin/"
     printf '#!/bin/busybox sh\n/bin/busybox echo KERNEL-VM-KVM-OK\n/bin/busybox reboot -f\n' > "$p/root/init"
     chmod +x "$p/root/init"
     (cd "$p/root" && find . | "$CACHE/busybox" cpio -o -H newc 2>/dev/null | gzip -1) > "$p/i.gz"
-    (timeout 20 qemu-system-x86_64 -nodefaults -display none -no-reboot -accel kvm -cpu host \
-      -m 256 -kernel "$VMLINUZ" -initrd "$p/i.gz" -append "console=ttyS0 panic=-1" \
-      -serial "file:$p/log" < /dev/null > /dev/null 2>&1; true) 2> /dev/null
-    grep -aq KERNEL-VM-KVM-OK "$p/log" 2>/dev/null && ACCEL=kvm
+    (
+      cd "$p" && ulimit -c 0
+      timeout -k 5 20 qemu-system-x86_64 -nodefaults -display none -no-reboot -accel kvm \
+        -cpu host -m 256 -kernel "$VMLINUZ" -initrd "$p/i.gz" -append "console=ttyS0 panic=-1" \
+        -serial "file:$p/log" < /dev/null > "$p/qemu.out" 2>&1
+    ) 2> "$p/sh.err" || prc=$?
+    if grep -aq KERNEL-VM-KVM-OK "$p/log" 2> /dev/null; then
+      ACCEL=kvm
+    else
+      log "KVM probe failed (qemu status $prc; 124 = timeout, 134 = abort): using tcg"
+    fi
     rm -rf "$p"
   fi
   echo "$ACCEL" > "$CACHE/accel"

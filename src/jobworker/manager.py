@@ -13,7 +13,7 @@ import logging
 import os
 import resource
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -44,6 +44,8 @@ DEFAULT_STOP_GRACE = 2.0
 UNKNOWN_EXIT = (
     "exit status unknown: the spawner died while the job ran; its end was seen through its cgroup"
 )
+DEFAULT_NOFILE = 1024
+"""A job's RLIMIT_NOFILE soft limit when ours before the raise is unknown (Linux's default)."""
 EOF_TIMEOUT = 2.0
 """After the cgroup is empty, how long a pipe writer outside it may keep the output open."""
 
@@ -68,6 +70,8 @@ class JobManager:
         stop_grace: float,
         credentials: Credentials,
         max_log_bytes: int | None,
+        hidden_paths: tuple[str, ...] = (),
+        job_nofile: int | None = None,
     ) -> None:
         if _token is not _OPEN:
             raise TypeError("use `await JobManager.open(...)` to create a JobManager")
@@ -80,6 +84,10 @@ class JobManager:
         self._stop_grace = stop_grace
         self._credentials = credentials
         self._max_log_bytes = max_log_bytes
+        self._hidden = hidden_paths
+        """Masked in every sandbox: the state dir and the paths :meth:`open` was given."""
+        self._job_nofile = job_nofile
+        """Every job's RLIMIT_NOFILE soft limit: ours before :func:`_raise_nofile_limit`."""
         self._send_signal: SendSignal = os.kill
         self._host_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobworker-start")
         self._host_io.submit(int).result()  # start its thread now, not in the first start
@@ -98,6 +106,7 @@ class JobManager:
         stop_grace: float = DEFAULT_STOP_GRACE,
         credentials: Credentials | None = None,
         max_log_bytes: int | None = None,
+        hidden_paths: Sequence[Path] = (),
     ) -> JobManager:
         """Create the cgroup parent and state dir, start the spawner, recover old records.
 
@@ -107,7 +116,9 @@ class JobManager:
 
         ``credentials``: who jobs run as unless :meth:`start` says otherwise (default: this
         process's own user). ``max_log_bytes``: a job whose output goes past it is stopped,
-        with the reason in its status (default: no cap).
+        with the reason in its status (default: no cap). ``hidden_paths``: files and
+        directories masked in every sandboxed job (besides the state dir, always masked): an
+        empty read-only tmpfs over a directory, ``/dev/null`` over a file.
         """
         if max_log_bytes is not None and max_log_bytes <= 0:
             raise ValueError("max_log_bytes must be positive")
@@ -118,7 +129,7 @@ class JobManager:
             tree = CgroupTree(cgroup_root or own_cgroup_dir(), cgroup_name)
             tree.setup()
             undo.callback(tree.teardown)
-            _raise_nofile_limit()
+            job_nofile = _raise_nofile_limit()
             available = controllers.enable(tree.delegated, tree.parent)
             # After enable, which may move this process (and so its children) into a leaf.
             spawner = await SpawnerKeeper.start()
@@ -138,6 +149,8 @@ class JobManager:
                 stop_grace=stop_grace,
                 credentials=credentials or Credentials(),
                 max_log_bytes=max_log_bytes,
+                hidden_paths=_masked(state_dir, hidden_paths),
+                job_nofile=job_nofile,
             )
             undo.callback(self._host_io.shutdown)
             for spec, status in await recover(store, tree, watcher):
@@ -218,8 +231,9 @@ class JobManager:
         job_id = str(uuid.uuid4())
         # Path checks, the log file, mkdir and the limit writes touch the host's filesystems:
         # off the loop, so a hung mount stalls this start and not every other call.
+        lookup = self._lookup_in_child(spec, creds)
         prep = await asyncio.get_running_loop().run_in_executor(
-            self._host_io, self._prepare, job_id, spec, env
+            self._host_io, self._prepare, job_id, spec, env, lookup
         )
         group = prep.group
         try:
@@ -235,6 +249,10 @@ class JobManager:
                     prep.pipe_w,
                     creds,
                     self._fast(spec, creds),
+                    sandbox=spec.sandbox,
+                    hidden=self._hidden,
+                    lookup=lookup,
+                    nofile=self._job_nofile,
                 )
             finally:
                 os.close(prep.pipe_w)
@@ -265,9 +283,12 @@ class JobManager:
             log.exception("job %s: record not written at start", job_id)
         return status
 
-    def _prepare(self, job_id: str, spec: JobSpec, env: dict[str, str]) -> _Prepared:
-        """Everything a start needs before the spawn; all of it undone on failure."""
-        path = resolve_command(spec.argv[0], env["PATH"], spec.cwd)
+    def _prepare(
+        self, job_id: str, spec: JobSpec, env: dict[str, str], lookup: bool = False
+    ) -> _Prepared:
+        """Everything a start needs before the spawn; all of it undone on failure. With
+        ``lookup`` the command and cwd are checked by the spawner's child instead."""
+        path = spec.argv[0] if lookup else resolve_command(spec.argv[0], env["PATH"], spec.cwd)
         with contextlib.ExitStack() as undo:
             log_fd = self._store.create(job_id)
             undo.callback(self._store.discard, job_id)
@@ -300,6 +321,15 @@ class JobManager:
             self._watcher.unwatch(prep.group)
             self._store.discard(job_id)
 
+    @staticmethod
+    def _lookup_in_child(spec: JobSpec, creds: Credentials) -> bool:
+        """Whether the command lookup and the cwd check happen in the forked child, after the
+        switch to the job's credentials (and inside its sandbox, whose /tmp and masks the
+        host's view does not show), rather than here as the daemon: a job as another user
+        must learn nothing its user could not learn itself (that a file exists in a
+        directory it cannot search, say)."""
+        return spec.sandbox is not None or creds.uid >= 0 or creds.gid >= 0
+
     def _fast(self, spec: JobSpec, creds: Credentials) -> bool:
         """Whether the spawner may posix_spawn from inside the job's group. Not when the job
         runs as someone else (posix_spawn cannot switch), and not when the group's limits could
@@ -308,6 +338,7 @@ class JobManager:
         limits = spec.limits
         return (
             self._spawner.fast
+            and spec.sandbox is None
             and creds.uid < 0
             and creds.gid < 0
             and limits.memory is None
@@ -480,9 +511,25 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
 
 
-def _raise_nofile_limit() -> None:
-    """Each follower holds an fd on its job's log: allow as many as the hard limit does."""
+_nofile_before_raise: list[int] = []
+"""This process's RLIMIT_NOFILE soft limit before the first :func:`_raise_nofile_limit`."""
+
+
+def _raise_nofile_limit() -> int:
+    """Each follower holds an fd on its job's log: allow as many as the hard limit does.
+
+    Returns the soft limit this process had before the first raise: jobs get it back (a
+    program that still uses select() breaks past 1024 fds), whichever manager starts them."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if not _nofile_before_raise:
+        _nofile_before_raise.append(soft if soft != resource.RLIM_INFINITY else DEFAULT_NOFILE)
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return _nofile_before_raise[0]
+
+
+def _masked(state_dir: Path, hidden_paths: Sequence[Path]) -> tuple[str, ...]:
+    """What every sandbox masks, as absolute paths with symlinks resolved (mount follows
+    them anyway; resolved here, they name what the host sees at open time)."""
+    return tuple(os.path.realpath(p) for p in (state_dir, *hidden_paths))

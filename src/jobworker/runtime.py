@@ -82,7 +82,10 @@ async def run_stop(job: Job, tree: CgroupTree, watcher: EventsWatcher, send: Sen
     group = job.group
     if group is not None:
         try:
-            await _terminate(job.id, group, tree, watcher, send)
+            # A sandbox's init is not the job's: it forwards SIGTERM to the main process,
+            # which gets its own below, so signalling the init too would deliver it twice.
+            init = job.status.pid if job.spec.sandbox is not None else None
+            await _terminate(job.id, group, tree, watcher, send, init)
         except HostError as e:
             # The job may end meanwhile and its group be removed under the freeze (GroupGone).
             log.debug("job %s: SIGTERM round cut short: %s", job.id, e)
@@ -117,11 +120,17 @@ def _kill(job: Job, tree: CgroupTree) -> None:
 
 
 async def _terminate(
-    job_id: str, group: Path, tree: CgroupTree, watcher: EventsWatcher, send: SendSignal
+    job_id: str,
+    group: Path,
+    tree: CgroupTree,
+    watcher: EventsWatcher,
+    send: SendSignal,
+    skip: int | None = None,
 ) -> None:
     """SIGTERM to every process in the group, frozen so none can fork or exit meanwhile
     (no pid can be reused between reading cgroup.procs and kill). A process that refuses the
-    signal (EPERM: a setuid program under a non-root manager) is left to ``cgroup.kill``."""
+    signal (EPERM: a setuid program under a non-root manager) is left to ``cgroup.kill``.
+    ``skip``: a sandbox's init, which is not the job's and ends with its main process."""
     tree.freeze(group, True)
     try:
         with contextlib.suppress(TimeoutError):
@@ -130,6 +139,8 @@ async def _terminate(
                     await watcher.changed(group)
         refused = 0
         for pid in tree.procs(group):
+            if pid == skip:
+                continue
             try:
                 send(pid, signal.SIGTERM)
             except ProcessLookupError:

@@ -29,7 +29,7 @@ from click.testing import CliRunner, Result
 from jobworker.client.cli import Exit, cli
 from jobworker.client.pki import init_pki
 from jobworker.server.daemon import Config, Daemon, serve
-from jobworker.spec import JobState
+from jobworker.spec import JobState, Network, Sandbox
 from jobworker.tls import Paths, load_client
 from tests.conftest import cgroup2_usable, wait_for
 from tests.integration import daemon_harness as harness
@@ -429,6 +429,19 @@ async def test_error_permission_denied(W: Worker) -> None:
     assert refused.exit_code == Exit.PERMISSION
     one_error_line(refused)
     assert (await W("stop", job)).exit_code == 0
+
+
+async def test_sandbox_options(W: Worker, daemon: Daemon) -> None:
+    refused = await W("run", "--no-sandbox", "--", "true")
+    assert refused.exit_code == Exit.PERMISSION
+    assert "only admins may" in one_error_line(refused)
+    both = await W("run", "--no-sandbox", "--network", "none", "--", "true", user="root")
+    assert both.exit_code == Exit.USAGE
+    assert "--network applies to the sandbox" in one_error_line(both)
+    job = job_id_of(await W("start", "--network", "none", "--", "true"))
+    assert daemon.manager.spec(job).sandbox == Sandbox(Network.NONE)
+    job = job_id_of(await W("start", "--no-sandbox", "--", "true", user="root"))
+    assert daemon.manager.spec(job).sandbox is None
 
 
 async def test_error_invalid_requests(W: Worker, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from jobworker import IOLimit, JobManager, JobSpec, JobState, Limits
+from jobworker import IOLimit, JobManager, JobSpec, JobState, Limits, Network, Sandbox
 from jobworker.api.proto import pb, pb_grpc
 from jobworker.cgroup import controllers
 from jobworker.cgroup.devices import resolve_limits
@@ -627,7 +627,7 @@ async def test_spec_roundtrip_through_api(daemon: Daemon, connect: Connect) -> N
     st = await alice.start(["env"], env={"A": "1"}, cwd="/tmp")
     await alice.wait(st.id)
     assert daemon.manager.spec(st.id) == JobSpec(
-        argv=("env",), env={"A": "1"}, cwd="/tmp", owner="alice"
+        argv=("env",), env={"A": "1"}, cwd="/tmp", owner="alice", sandbox=Sandbox(Network.HOST)
     )
 
 

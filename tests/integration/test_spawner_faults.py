@@ -9,7 +9,6 @@ import contextlib
 import ctypes
 import json
 import os
-import resource
 import shutil
 import signal
 import sys
@@ -68,26 +67,61 @@ def empty(group: Path) -> bool:
 
 
 def unused_uid() -> int:
-    """A uid no process runs as, so RLIMIT_NPROC (per real uid) counts the spawner alone."""
-    taken = set()
-    for entry in os.listdir("/proc"):
+    """A uid no task has as its real, effective, saved or filesystem uid, so RLIMIT_NPROC
+    (which counts the tasks, threads included, of a real uid) counts the spawner's alone."""
+    taken: set[int] = set()
+    for status in Path("/proc").glob("[0-9]*/task/[0-9]*/status"):
         with contextlib.suppress(OSError):
-            if entry.isdigit():
-                taken.add(os.stat(f"/proc/{entry}").st_uid)
+            for line in status.read_text().splitlines():
+                if line.startswith("Uid:"):
+                    taken.update(int(u) for u in line.split()[1:])
     uid = 40000 + uuid.uuid4().int % 20000
     while uid in taken:
         uid += 1
     return uid
 
 
-@contextlib.contextmanager
-def nproc_soft_limit(limit: int) -> Iterator[None]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
-    resource.setrlimit(resource.RLIMIT_NPROC, (limit, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NPROC, (soft, hard))
+# Becomes the spawner's process: drops to the uid under the NPROC limit, then execs the
+# spawner's interpreter with the spawner's own arguments (the shebang's path stands in for
+# argv[0]). Root, and not Popen(user=...) in this process, does the switch, because Popen
+# forks (not vforks) for user=, and in the child of a fork of this process, once gRPC has
+# run in it (the in-process daemon tests), gRPC's fork handler restarts its thread pool;
+# setreuid() then moves every one of those threads to the uid, and execve() fails with
+# EAGAIN for the spawner itself, over the limit before its first job. Nor is the limit set
+# in this process, whose other threads (gRPC's) would hand it to whatever they start.
+LAUNCHER = """#!{launcher_python} -IS
+import os, resource, sys
+uid, limit, python = {uid!r}, {limit!r}, {python!r}
+resource.setrlimit(resource.RLIMIT_NPROC, (limit, resource.getrlimit(resource.RLIMIT_NPROC)[1]))
+os.setgroups([])
+os.setresgid(uid, uid, uid)
+os.setresuid(uid, uid, uid)
+os.execv(python, [python, *sys.argv[1:]])
+"""
+
+
+def nproc_limited_launcher(directory: Path, uid: int, limit: int, python: str) -> Path:
+    """An executable that runs the spawner's command line as ``uid`` (and its group, with no
+    others) with a soft RLIMIT_NPROC of ``limit``, from a fresh single-threaded process."""
+    path = directory / "as-uid-with-nproc-limit"
+    path.write_text(
+        LAUNCHER.format(launcher_python=sys.executable, uid=uid, limit=limit, python=python)
+    )
+    path.chmod(0o700)
+    return path
+
+
+def argv_of(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return [os.fsdecode(arg) for arg in f.read().split(b"\0")[:-1]] or [""]
+
+
+def real_uid_and_nproc_soft_limit(pid: int) -> tuple[int, int]:
+    with open(f"/proc/{pid}/status") as f:
+        uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+    with open(f"/proc/{pid}/limits") as f:
+        limit = next(int(line.split()[2]) for line in f if line.startswith("Max processes"))
+    return uid, limit
 
 
 def other_users_python(uid: int) -> str:
@@ -149,22 +183,28 @@ def proc_state(pid: int) -> tuple[str, int]:
     ("fast", "action"), [(False, "fork"), (True, "posix_spawn")], ids=["fork", "posix_spawn"]
 )
 async def test_a_fork_out_of_processes_fails_that_start_and_the_spawner_keeps_serving(
-    tree: CgroupTree, fast: bool, action: str
+    tree: CgroupTree, tmp_path: Path, fast: bool, action: str
 ) -> None:
     # A real EAGAIN from the kernel, without exhausting the host: the spawner runs as a uid of
     # its own (root ignores RLIMIT_NPROC) with an NPROC limit of 2, itself and one job. (The
     # jobs' cgroup.procs fds were opened by root, so it may still move them into groups.)
     uid = unused_uid()
     python = other_users_python(uid)
+    launcher = nproc_limited_launcher(tmp_path, uid, 2, python)
     fds_before = open_fds()
-    with nproc_soft_limit(2):  # inherited by the spawner; root, this process, ignores it
-        spawner = await Spawner.start(
-            _test_options={"user": uid, "group": uid, "extra_groups": [], "executable": python}
-        )
+    spawner = await Spawner.start(_test_options={"executable": str(launcher)})
     try:
+        # Popen returned once the launcher ran; the spawner proper comes with its exec.
+        await wait_for(
+            lambda: not spawner.alive or argv_of(spawner.pid)[0] == python,
+            what="the launcher to exec the spawner",
+        )
+        assert spawner.alive
         if fast:
             await give_home(spawner)
         assert os.stat(f"/proc/{spawner.pid}").st_uid == uid
+        assert real_uid_and_nproc_soft_limit(spawner.pid) == (uid, 2)
+        assert os.listdir(f"/proc/{spawner.pid}/task") == [str(spawner.pid)]
         first = tree.create("first")
         running = await spawn(spawner, first, "sleep", "1000", fast=fast)
         starved = tree.create("starved")

@@ -32,7 +32,7 @@ from jobworker.api.errors import error_for
 from jobworker.api.proto import pb, pb_grpc
 from jobworker.errors import JobworkerError, RemoteError
 from jobworker.limits import Limits
-from jobworker.spec import JobStatus
+from jobworker.spec import JobStatus, Network
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
@@ -115,13 +115,21 @@ class Client:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         limits: Limits | None = None,
+        network: Network | None = None,
+        sandbox: bool = True,
     ) -> JobStatus:
-        """Start a job owned by this client's identity; returns its first status."""
+        """Start a job owned by this client's identity; returns its first status.
+
+        ``network``: the job's network in its sandbox (``None``: the daemon's default).
+        ``sandbox=False`` runs it in the host's namespaces, which only admins may ask for.
+        """
         request = pb.StartRequest(
             argv=list(argv),
             env=dict(env or {}),
             cwd=cwd,
             limits=convert.limits_to_pb(limits or Limits()),
+            network=convert.network_to_pb(network),
+            no_sandbox=not sandbox,
         )
         try:
             response = await self._stub.Start(request, timeout=self._timeout)

@@ -25,6 +25,7 @@ import click
 from jobworker.cgroup import controllers
 from jobworker.cgroup.devices import resolve_limits
 from jobworker.errors import InvalidArgument, JobworkerError, LimitUnavailable
+from jobworker.identity import Role
 from jobworker.limits import Limits
 from jobworker.manager import DEFAULT_STOP_GRACE, JobManager
 from jobworker.server import service
@@ -32,7 +33,7 @@ from jobworker.server.accounts import DEFAULT_UID_RANGE, Accounts, IdentityUids,
 from jobworker.server.authz import Policy
 from jobworker.server.debug import DebugServer, Metrics
 from jobworker.server.policy import effective_limits
-from jobworker.spec import JobState
+from jobworker.spec import JobState, Network
 from jobworker.tls import Paths, load_server
 
 log = logging.getLogger("jobworker.server.daemon")
@@ -64,6 +65,22 @@ class Config:
     """Where identities' own uids come from (gid = uid); recorded in STATE/identities.json."""
     debug_address: str | None = None
     """``HOST:PORT`` on loopback for /metrics and /debug/*; ``None`` = off."""
+    default_network: Network = Network.HOST
+    """The network of a sandboxed job that does not ask for one."""
+    host_network_roles: frozenset[Role] = frozenset(Role)
+    """Roles whose jobs may use the host's network."""
+
+
+def _secrets(config: Config) -> list[Path]:
+    """What sandboxed jobs must not see besides the state dir (the manager hides that): the
+    daemon's key and certificate, a ``certs init`` directory's CA key, the policy file."""
+    paths = [config.tls.key, config.tls.cert]
+    ca_key = config.tls.key.parent / "ca-key.pem"
+    if ca_key.exists():
+        paths.append(ca_key)
+    if config.policy_file is not None:
+        paths.append(config.policy_file)
+    return paths
 
 
 class Daemon:
@@ -133,7 +150,13 @@ async def serve(config: Config) -> Daemon:
     caps = resolve_limits(config.max_limits)
     effective_limits(defaults, Limits(), caps)  # the defaults must respect the caps
     settings = service.Settings(
-        policy, defaults, caps, config.job_account, accounts=_accounts(config)
+        policy,
+        defaults,
+        caps,
+        config.job_account,
+        accounts=_accounts(config),
+        default_network=config.default_network,
+        host_network_roles=config.host_network_roles,
     )
     # Every account the configuration names must exist (fail now, not at the first Start).
     named = {config.job_account} if config.job_account is not None else set()
@@ -147,6 +170,7 @@ async def serve(config: Config) -> Daemon:
             cgroup_root=config.cgroup_root,
             cgroup_name=config.cgroup_name,
             stop_grace=config.stop_grace,
+            hidden_paths=_secrets(config),
         )
         undo.push_async_callback(manager.close)
         # Both are applied to jobs (a cap is also the limit of a job that asks for nothing):
@@ -354,6 +378,13 @@ def _env(name: str) -> str:
     help="Loopback HOST:PORT for /metrics and /debug/* (off by default), e.g. 127.0.0.1:6060.",
 )
 @click.option(
+    "--default-network",
+    type=click.Choice([n.value for n in Network]),
+    default=Network.HOST.value,
+    envvar=_env("DEFAULT_NETWORK"),
+    help="Network of a job that asks for none: the host's, or none (only loopback, its own).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -383,6 +414,7 @@ def main(
     max_io: tuple[str, ...],
     max_pids: str | None,
     debug_addr: str | None,
+    default_network: str,
     log_level: str,
 ) -> None:
     """Serve jobworker over gRPC with mutual TLS 1.3.
@@ -413,6 +445,7 @@ def main(
             job_account=job_user,
             uid_range=UidRange.parse(uid_range),
             debug_address=debug_addr,
+            default_network=Network(default_network),
         )
         asyncio.run(run(config))
         # A failed RPC leaves reference cycles (error -> traceback -> frames -> call) holding

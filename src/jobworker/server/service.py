@@ -31,7 +31,8 @@ from jobworker.api import convert
 from jobworker.api.errors import code_for
 from jobworker.api.proto import pb, pb_grpc
 from jobworker.cgroup.devices import resolve_limits
-from jobworker.errors import HostError, InvalidArgument, JobworkerError
+from jobworker.errors import HostError, InvalidArgument, JobworkerError, PermissionDenied
+from jobworker.identity import Role
 from jobworker.limits import Limits
 from jobworker.manager import JobManager
 from jobworker.server.accounts import Accounts, printable
@@ -45,7 +46,7 @@ from jobworker.server.authz import (
 )
 from jobworker.server.debug import Metrics
 from jobworker.server.policy import effective_limits
-from jobworker.spec import Credentials, JobSpec, JobState, JobStatus
+from jobworker.spec import Credentials, JobSpec, JobState, JobStatus, Network, Sandbox
 from jobworker.tls import Material
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,32 @@ class Settings:
     """Unix account (``user[:group]``) for every identity the policy does not map; ``None``:
     each identity's own uid from ``accounts.uids``."""
     accounts: Accounts = field(default_factory=Accounts)
+    default_network: Network = Network.HOST
+    """The network of a sandboxed job that does not say."""
+    host_network_roles: frozenset[Role] = frozenset(Role)
+    """Roles whose jobs may use the host's network; the others must ask for ``none``."""
+
+    def sandbox_for(
+        self, identity: Identity, network: Network | None, no_sandbox: bool
+    ) -> Sandbox | None:
+        """The sandbox of a job ``identity`` asks for; raises :class:`PermissionDenied` or
+        :class:`InvalidArgument` for what it may not have."""
+        if no_sandbox:
+            if identity.role is not Role.ADMIN:
+                raise PermissionDenied(
+                    f"{identity.name} (role {identity.role}) may not start a job without the "
+                    "sandbox; only admins may"
+                )
+            if network is not None:
+                raise InvalidArgument("network applies to the sandbox: drop it, or no_sandbox")
+            return None
+        network = self.default_network if network is None else network
+        if network is Network.HOST and identity.role not in self.host_network_roles:
+            raise PermissionDenied(
+                f"{identity.name} (role {identity.role}) may not use the host's network; "
+                "ask for network none"
+            )
+        return Sandbox(network)
 
     def credentials_for(self, identity: Identity) -> Credentials | None:
         """Who ``identity``'s jobs run as: the policy's ``[run_as.identities]`` entry, else its
@@ -238,6 +265,9 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
                 cwd=request.cwd if request.HasField("cwd") else "/",
                 owner=identity.name,
                 limits=limits,
+                sandbox=self._settings.sandbox_for(
+                    identity, convert.network_from_pb(request.network), request.no_sandbox
+                ),
             )
             status = await self._mgr.start(spec, self._settings.credentials_for(identity))
             log.info("job %s started by %s: %s", status.id, printable(identity.name), _argv(spec))

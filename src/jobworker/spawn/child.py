@@ -17,13 +17,21 @@ so it reports each job's wait status back to the daemon. It exits when the daemo
 socket closes.
 
 Wire format on the stream socket, both ways: 4-byte big-endian length + a ``marshal``-ed tuple.
-Requests: ``("spawn", req_id, path, argv, env, cwd, uid, gid, groups, fast)`` with two fds
-attached (cgroup.procs of the job's group, the write end of its output pipe); ``("home",)`` with
-the spawner's own cgroup.procs attached (needed by the fast path).
+Requests: ``("spawn", req_id, path, argv, env, cwd, uid, gid, groups, fast, options)`` with two
+fds attached (cgroup.procs of the job's group, the write end of its output pipe); ``options``
+(optional, a dict) may hold ``nofile`` (the job's RLIMIT_NOFILE soft limit), ``lookup`` (the
+job's PATH: ``path`` is then argv[0], looked up in the child with the job's own credentials)
+and ``sandbox`` (``{"net": bool, "hide": [path, ...]}``: namespaces, see :func:`Spawner.
+spawn_sandboxed`). ``("home",)`` with the spawner's own cgroup.procs attached (needed by the
+fast path).
 Replies: ``("ok", req_id, pid)`` or ``("err", req_id, errno, stage)`` (stage: where it failed:
-``pipe``, ``fork``, ``cgroup``, ``setsid``, ``stdio``, ``credentials``, ``cwd``, ``exec`` or
-``posix_spawn``; a failed start never ends the spawner);
-events: ``("exit", pid, status)``.
+``pipe``, ``fork``, ``cgroup``, ``setsid``, ``stdio``, ``rlimit``, ``credentials``, ``cwd``,
+``exec`` or ``posix_spawn``; for a lookup in the child also ``no-cwd``, ``not-found``,
+``not-in-path``, ``not-executable``; for a sandbox also ``namespace``, ``mount``, ``network``,
+``no-new-privs``; a failed start never ends the spawner);
+events: ``("exit", pid, status)``. For a sandboxed job ``pid`` is its init's (the job's main
+process is the init's child, PID 2 of the namespace) and ``status`` the main process's own raw
+wait status, relayed by the init (see :meth:`Spawner.spawn_sandboxed`).
 
 This file must import nothing from jobworker: it runs as a plain script.
 """
@@ -34,8 +42,10 @@ import array
 import contextlib
 import ctypes
 import errno
+import fcntl
 import marshal
 import os
+import resource
 import select
 import signal
 import socket
@@ -48,6 +58,40 @@ HEADER = struct.Struct(">I")
 MAX_MESSAGE = 8 * 1024 * 1024
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAPBSET_DROP = 24
+CAP_SYS_ADMIN = 21
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+IFREQ = struct.Struct("16sH22x")  # struct ifreq: the name, then ifr_flags in the union
+STATUS = struct.Struct("i")
+FORWARDED = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+"""What a sandbox's init passes on to the job's main process (the rest would be lost on it:
+a namespace's PID 1 ignores signals it has no handler for)."""
+LOOKUP_SKIP = (errno.ENOENT, errno.ENOTDIR, errno.EACCES)
+"""execve errors that mean "not this file": a PATH search tries the next entry."""
 
 
 def send_message(sock: socket.socket, message: tuple[Any, ...], fds: Sequence[int] = ()) -> None:
@@ -117,6 +161,18 @@ class Spawner:
         self.home_fd = -1
         """cgroup.procs of the group the spawner lives in, to step back after a fast spawn."""
         self.reset_signals: tuple[int, ...] = ()
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.mount.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_ulong,
+            ctypes.c_char_p,
+        ]
+        self.pid_ns = -1
+        """Our own PID namespace (opened at the first sandbox), to go back to after a fork."""
+        self.status_pipes: dict[int, int] = {}
+        """Sandboxed jobs' inits (pid) -> the pipe their init writes the job's wait status to."""
 
     def handle(self, msg: tuple[Any, ...], reader: Reader) -> None:
         if msg[0] == "home":
@@ -126,8 +182,11 @@ class Spawner:
             self.home_fd = fd
         elif msg[0] == "spawn":
             procs_fd, out_fd = reader.take_fds(2)
+            opts = _options(msg)
             try:
-                if msg[9] and self.home_fd >= 0:
+                if opts.get("sandbox") is not None:
+                    reply = self.spawn_sandboxed(msg, procs_fd, out_fd)
+                elif msg[9] and self.home_fd >= 0 and opts.get("lookup") is None:
                     reply = self.spawn_fast(msg, procs_fd, out_fd)
                 else:
                     reply = self.spawn_fork(msg, procs_fd, out_fd)
@@ -142,29 +201,42 @@ class Spawner:
         The spawner steps into the job's cgroup, so the child is born there, and steps back
         out. Used only when the job keeps our credentials (posix_spawn cannot change them) and
         its pids limit leaves room for the spawner's moment inside (the manager decides).
+        posix_spawn cannot set a limit in the child either: the spawner lowers its own
+        RLIMIT_NOFILE soft limit to the job's for the call (the child inherits it) and raises
+        it back after (it holds an fd per sandboxed job).
         """
-        _op, req_id, path, argv, env, cwd, _uid, _gid, _groups, _fast = msg
+        _op, req_id, path, argv, env, cwd, _uid, _gid, _groups, _fast = msg[:10]
+        nofile = _options(msg).get("nofile")
         stage = "cgroup"
         try:
             os.write(procs_fd, b"0")
             try:
-                stage = "cwd"
-                os.chdir(cwd)
-                # posix_spawn reports the clone's error (EAGAIN, ENOMEM) and the exec's alike.
-                stage = "posix_spawn"
-                pid = os.posix_spawn(
-                    path,
-                    argv,
-                    dict(e.split(b"=", 1) for e in env),
-                    file_actions=[
-                        (os.POSIX_SPAWN_DUP2, self.devnull, 0),
-                        (os.POSIX_SPAWN_DUP2, out_fd, 1),
-                        (os.POSIX_SPAWN_DUP2, out_fd, 2),
-                    ],
-                    setsid=True,
-                    setsigdef=self.reset_signals,
-                    setsigmask=(),
-                )
+                stage = "rlimit"
+                own = resource.getrlimit(resource.RLIMIT_NOFILE)
+                if nofile is not None:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, own[1]), own[1]))
+                try:
+                    stage = "cwd"
+                    os.chdir(cwd)
+                    # posix_spawn reports the clone's error (EAGAIN, ENOMEM) and the exec's
+                    # alike.
+                    stage = "posix_spawn"
+                    pid = os.posix_spawn(
+                        path,
+                        argv,
+                        dict(e.split(b"=", 1) for e in env),
+                        file_actions=[
+                            (os.POSIX_SPAWN_DUP2, self.devnull, 0),
+                            (os.POSIX_SPAWN_DUP2, out_fd, 1),
+                            (os.POSIX_SPAWN_DUP2, out_fd, 2),
+                        ],
+                        setsid=True,
+                        setsigdef=self.reset_signals,
+                        setsigmask=(),
+                    )
+                finally:
+                    if nofile is not None:
+                        resource.setrlimit(resource.RLIMIT_NOFILE, own)
             finally:
                 os.chdir("/")
                 # Staying in the job's group would put us under its limits and its kill: if
@@ -180,7 +252,7 @@ class Spawner:
     def spawn_fork(self, msg: tuple[Any, ...], procs_fd: int, out_fd: int) -> tuple[Any, ...]:
         """fork, then in the child: into the job's group, session, stdio, cwd, credentials,
         exec. Safe here because this process never runs a thread."""
-        _op, req_id, path, argv, env, cwd, uid, gid, groups, _fast = msg
+        req_id = msg[1]
         # Out of processes or memory (EAGAIN, ENOMEM: a fork bomb on a host without a pids
         # controller) fails this one start; the spawner keeps serving.
         try:
@@ -193,12 +265,10 @@ class Spawner:
             except OSError as e:
                 return ("err", req_id, e.errno or errno.EIO, "fork")
             if pid == 0:
-                self._child(procs_fd, out_fd, err_w, path, argv, env, cwd, uid, gid, groups)
+                self._child(procs_fd, out_fd, err_w, msg, False)
             os.close(err_w)
             err_w = -1
-            report = b""
-            while chunk := os.read(err_r, 4096):  # EOF at exec: the pipe is close-on-exec
-                report += chunk
+            report = _read_report(err_r)
         finally:
             os.close(err_r)
             if err_w >= 0:
@@ -209,31 +279,178 @@ class Spawner:
             return ("err", req_id, err, stage)
         return ("ok", req_id, pid)
 
-    def _child(
-        self,
-        procs_fd: int,
-        out_fd: int,
-        err_w: int,
-        path: bytes,
-        argv: list[bytes],
-        env: list[bytes],
-        cwd: bytes,
-        uid: int,
-        gid: int,
-        groups: list[int],
+    def spawn_sandboxed(self, msg: tuple[Any, ...], procs_fd: int, out_fd: int) -> tuple[Any, ...]:
+        """A job in namespaces of its own, behind a minimal init.
+
+        The spawner unshares CLONE_NEWPID for itself (that only changes where its next child
+        is born), forks, and goes straight back to its own PID namespace (setns on the fd it
+        opened at the first sandbox). The child is PID 1 of the new namespace: the job's
+        init (:meth:`_init`). It joins the job's cgroup, makes the mount, IPC, UTS (and with
+        ``net``, network) namespaces, then forks the job's main process (PID 2), which sets
+        itself up like a forked job (:meth:`_child`) and execs.
+
+        The init cannot die of the job's signal (a namespace's PID 1 is immune to its own), so
+        it writes the job's raw wait status to a pipe whose read end the spawner keeps; when it
+        reaps the init, the spawner reports that status instead of the init's own. An init
+        killed before it could write (``cgroup.kill``) reports its own (SIGKILL, as the job's).
+        """
+        req_id = msg[1]
+        try:
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        except OSError as e:
+            return ("err", req_id, e.errno or errno.EIO, "pipe")
+        status_r = status_w = -1
+        pid = -1
+        report = b""
+        try:
+            try:
+                status_r, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError as e:
+                return ("err", req_id, e.errno or errno.EIO, "pipe")
+            try:
+                if self.pid_ns < 0:
+                    self.pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+                _check(self.libc.unshare(CLONE_NEWPID))
+            except OSError as e:
+                return ("err", req_id, e.errno or errno.EIO, "namespace")
+            try:
+                pid = os.fork()
+            except OSError as e:
+                return ("err", req_id, e.errno or errno.EIO, "fork")
+            finally:
+                # Every later child must be born in our namespace again; if that cannot be
+                # undone, dying is the safe answer (the daemon sees EOF and starts another).
+                if pid != 0 and self.libc.setns(self.pid_ns, CLONE_NEWPID) != 0:
+                    os._exit(70)
+            if pid == 0:
+                self._init(procs_fd, out_fd, err_w, status_w, msg)
+            os.close(err_w)
+            err_w = -1
+            os.close(status_w)
+            status_w = -1
+            report = _read_report(err_r)
+            if not report:
+                self.status_pipes[pid] = status_r
+        finally:
+            os.close(err_r)
+            for fd in (err_w, status_w):
+                if fd >= 0:
+                    os.close(fd)
+            if status_r >= 0 and pid not in self.status_pipes:
+                os.close(status_r)
+        if report:
+            os.waitpid(pid, 0)
+            err, stage = marshal.loads(report)
+            return ("err", req_id, err, stage)
+        return ("ok", req_id, pid)
+
+    def exit_status(self, pid: int, status: int) -> int:
+        """The status to report for a reaped child: a sandbox init's relayed one, if any."""
+        fd = self.status_pipes.pop(pid, -1)
+        if fd < 0:
+            return status
+        try:
+            data = os.read(fd, STATUS.size)
+        except BlockingIOError:
+            data = b""
+        finally:
+            os.close(fd)
+        return STATUS.unpack(data)[0] if len(data) == STATUS.size else status
+
+    def _init(
+        self, procs_fd: int, out_fd: int, err_w: int, status_w: int, msg: tuple[Any, ...]
     ) -> None:
+        """PID 1 of a sandbox: set up the namespaces, fork the job, then be its init."""
         stage = "cgroup"
         try:
-            # Let go of the daemon's socket at once, not at exec: should the spawner die while
-            # this child is stuck before exec (in a frozen group), the daemon still sees EOF.
+            sandbox = _options(msg)["sandbox"]
             os.close(self.sock.fileno())
+            signal.set_wakeup_fd(-1)
             os.write(procs_fd, b"0")
+            stage = "namespace"
+            flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
+            _check(self.libc.unshare(flags | (CLONE_NEWNET if sandbox["net"] else 0)))
+            stage = "mount"
+            self._mounts(sandbox["hide"])
+            if sandbox["net"]:
+                stage = "network"
+                _loopback_up()
+            stage = "setsid"
+            os.setsid()
+            self.libc.prctl(PR_SET_NAME, b"jobworker-init", 0, 0, 0)
+            # Held until the handlers below know the job's pid; the job unblocks them itself.
+            signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+            stage = "fork"
+            job = os.fork()
+            if job == 0:
+                os.close(status_w)
+                self._child(procs_fd, out_fd, err_w, msg, True)
+        except OSError as e:
+            os.write(err_w, marshal.dumps((e.errno or errno.EIO, stage)))
+            os._exit(127)
+        except BaseException:  # never back into the spawner's loop: this is not the spawner
+            with contextlib.suppress(BaseException):
+                os.write(err_w, marshal.dumps((errno.EIO, stage)))
+            os._exit(127)
+        try:
+            _relay(job, status_w)
+        finally:
+            os._exit(1)
+
+    def _mounts(self, hide: list[bytes]) -> None:
+        """The sandbox's file system view, in its new mount namespace."""
+        mount = self.libc.mount
+        # First: nothing below may propagate back to the host's mounts.
+        _check(mount(None, b"/", None, MS_REC | MS_PRIVATE, None))
+        for path in hide:
+            try:
+                is_dir = os.path.isdir(path) if os.path.lexists(path) else None
+            except OSError:
+                is_dir = None
+            if is_dir is None:
+                continue
+            hidden = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+            if is_dir:
+                _check(mount(b"tmpfs", path, b"tmpfs", hidden, b"mode=0555,size=4k"))
+            else:
+                _check(mount(b"/dev/null", path, None, MS_BIND, None))
+                _check(mount(None, path, None, MS_REMOUNT | MS_BIND | hidden, None))
+        for path in (b"/tmp", b"/dev/shm"):
+            _check(mount(b"tmpfs", path, b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=1777"))
+        _check(mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None))
+
+    def _child(
+        self, procs_fd: int, out_fd: int, err_w: int, msg: tuple[Any, ...], sandboxed: bool
+    ) -> None:
+        _op, _req, path, argv, env, cwd, uid, gid, groups, _fast = msg[:10]
+        opts = _options(msg)
+        lookup: bytes | None = opts.get("lookup")
+        stage = "cgroup"
+        try:
+            if not sandboxed:  # a sandbox's init did both already
+                # Let go of the daemon's socket at once, not at exec: should the spawner die
+                # while this child is stuck before exec (in a frozen group), the daemon still
+                # sees EOF.
+                os.close(self.sock.fileno())
+                os.write(procs_fd, b"0")
             stage = "setsid"
             os.setsid()
             stage = "stdio"
             os.dup2(self.devnull, 0)
             os.dup2(out_fd, 1)
             os.dup2(out_fd, 2)
+            if opts.get("nofile") is not None:
+                stage = "rlimit"
+                hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                resource.setrlimit(resource.RLIMIT_NOFILE, (min(opts["nofile"], hard), hard))
+            if sandboxed:
+                stage = "no-new-privs"
+                _check(self.libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
+                # Without CAP_SYS_ADMIN even a root job cannot unmount the masks, mount, or
+                # setns out of its namespaces (dropped from the bounding set, so exec gives it
+                # no more; a user namespace it makes sees the masks locked).
+                stage = "capabilities"
+                _check(self.libc.prctl(PR_CAPBSET_DROP, CAP_SYS_ADMIN, 0, 0, 0))
             stage = "credentials"
             if gid >= 0:
                 os.setgroups(groups)
@@ -242,19 +459,111 @@ class Spawner:
                 os.setuid(uid)
             # After the switch: as root, chdir would reach directories the job's user cannot.
             stage = "cwd"
-            os.chdir(cwd)
+            try:
+                os.chdir(cwd)
+            except OSError as e:
+                if lookup is not None and e.errno in (errno.ENOENT, errno.ENOTDIR):
+                    stage = "no-cwd"
+                raise
             stage = "exec"
             for sig in self.reset_signals:
                 signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, ())
-            os.execve(path, argv, dict(e.split(b"=", 1) for e in env))
+            env_map = dict(e.split(b"=", 1) for e in env)
+            if lookup is None:
+                os.execve(path, argv, env_map)
+            else:
+                os.write(err_w, marshal.dumps(_lookup_exec(path, argv, env_map, lookup)))
         except OSError as e:
             os.write(err_w, marshal.dumps((e.errno or errno.EIO, stage)))
         finally:
             os._exit(127)
 
 
-def _reap(sock: socket.socket) -> None:
+def _options(msg: tuple[Any, ...]) -> dict[str, Any]:
+    return msg[10] if len(msg) > 10 and msg[10] is not None else {}
+
+
+def _check(ret: int) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _read_report(err_r: int) -> bytes:
+    report = b""
+    while chunk := os.read(err_r, 4096):  # EOF at exec: the pipe is close-on-exec
+        report += chunk
+    return report
+
+
+def _runnable(path: bytes) -> bool:
+    """What shutil.which accepts (the root-side lookup's rule), seen with our credentials."""
+    return os.access(path, os.X_OK) and not os.path.isdir(path)
+
+
+def _lookup_exec(
+    name: bytes, argv: list[bytes], env: dict[bytes, bytes], search: bytes
+) -> tuple[int, str]:
+    """execvpe with the job's own credentials: run ``name`` (a path, or searched in ``search``)
+    or return ``(errno, stage)``. ENOENT, ENOTDIR and EACCES all mean "not this file" unless
+    the file is there and runnable (then the interpreter is what is missing, an ``exec``
+    error): a file the job's user cannot see is "not found", exactly like one that does not
+    exist, so no answer tells it more than it could learn itself."""
+    if b"/" in name:
+        try:
+            os.execve(name, argv, env)
+        except OSError as e:
+            err = e.errno or errno.EIO
+            if err not in LOOKUP_SKIP or _runnable(name):
+                return err, "exec"
+            return err, "not-executable" if os.path.exists(name) else "not-found"
+    if search:
+        for entry in search.split(b":"):
+            candidate = os.path.join(entry, name)
+            try:
+                os.execve(candidate, argv, env)
+            except OSError as e:
+                err = e.errno or errno.EIO
+                if err not in LOOKUP_SKIP or _runnable(candidate):
+                    return err, "exec"
+    return errno.ENOENT, "not-in-path"
+
+
+def _loopback_up() -> None:
+    """``ip link set lo up``, by ioctl: a new network namespace's loopback starts down."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        flags = IFREQ.unpack(fcntl.ioctl(s, SIOCGIFFLAGS, IFREQ.pack(b"lo", 0)))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, IFREQ.pack(b"lo", flags | IFF_UP))
+
+
+def _relay(job: int, status_w: int) -> None:
+    """The init's life: forward signals to the job, reap every process of the namespace, and
+    when the job's main process ends, write its raw wait status and exit (the kernel then kills
+    what is left in the namespace; the manager kills what is left in the cgroup anyway)."""
+    os.closerange(0, status_w)
+    os.closerange(status_w + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+
+    def forward(sig: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(job, sig)
+
+    for sig in FORWARDED:
+        signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+    status = 0
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:  # cannot happen before the job is reaped; be safe
+            break
+        if pid == job:
+            break
+    os.write(status_w, STATUS.pack(status))
+    os._exit(0)
+
+
+def _reap(spawner: Spawner) -> None:
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -262,7 +571,7 @@ def _reap(sock: socket.socket) -> None:
             return
         if pid == 0:
             return
-        send_message(sock, ("exit", pid, status))
+        send_message(spawner.sock, ("exit", pid, spawner.exit_status(pid, status)))
 
 
 def main(fd: int) -> None:
@@ -299,7 +608,7 @@ def main(fd: int) -> None:
                     return
                 for msg in reader.messages():
                     spawner.handle(msg, reader)
-        _reap(sock)
+        _reap(spawner)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,14 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from jobworker.errors import HostError, ResourceExhausted, SpawnerDied, SpawnError
 from jobworker.spawn import child as _spawner
-from jobworker.spec import Credentials
+from jobworker.spec import Credentials, Network, Sandbox
 
 _SCRIPT = Path(_spawner.__file__)
 
@@ -38,6 +39,15 @@ _STAGE_ACTION = {
     "exec": "exec",
 }
 _EXHAUSTED = {errno.EAGAIN: "out of processes", errno.ENOMEM: "out of memory"}
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """What a reply's error message may need to name."""
+
+    argv0: str
+    search_path: str
+    cwd: str
 
 
 @dataclass(slots=True)
@@ -62,6 +72,7 @@ class Spawner:
         self._loop = asyncio.get_running_loop()
         self._reader = _spawner.Reader(sock)
         self._pending: dict[int, asyncio.Future[Spawned]] = {}
+        self._requests: dict[int, _Request] = {}
         self._exits: dict[int, asyncio.Future[int]] = {}
         self._next_id = 0
         self._send_lock = asyncio.Lock()
@@ -144,17 +155,33 @@ class Spawner:
             self._fail(SpawnerDied(f"the spawner process (pid {self.pid}) exited unexpectedly"))
 
     def _resolve(self, req: int, value: Spawned) -> None:
+        self._requests.pop(req, None)
         fut = self._pending.pop(req, None)
         if fut is not None and not fut.done():
             fut.set_result(value)
 
     def _reject(self, req: int, err: int, stage: str) -> None:
         fut = self._pending.pop(req, None)
+        asked = self._requests.pop(req, None) or _Request("", "", "")
         if fut is None or fut.done():
             return
         reason = os.strerror(err)
         exc: Exception
-        if err in _EXHAUSTED and stage in _STAGE_ACTION:
+        # A lookup done in the child with the job's own credentials: the answers the
+        # root-side lookup (jobworker.spawn.lookup) gives, word for word.
+        if stage == "not-in-path":
+            exc = SpawnError(
+                f"command not found: {asked.argv0!r} (searched PATH={asked.search_path})"
+            )
+        elif stage == "not-found":
+            exc = SpawnError(f"command not found: {asked.argv0!r} (no such file)")
+        elif stage == "not-executable":
+            exc = SpawnError(f"cannot execute {asked.argv0!r}: not an executable file")
+        elif stage == "no-cwd":
+            exc = SpawnError(
+                f"working directory {asked.cwd!r} does not exist or is not a directory"
+            )
+        elif err in _EXHAUSTED and stage in _STAGE_ACTION:
             exc = ResourceExhausted(
                 f"cannot start the job: {_STAGE_ACTION[stage]} failed: {reason} "
                 f"({errno.errorcode[err]}: {_EXHAUSTED[err]})"
@@ -178,6 +205,7 @@ class Spawner:
             if not fut.done():
                 fut.set_exception(exc)
         self._pending.clear()
+        self._requests.clear()
         # Main processes whose status we can no longer learn (they live on, re-parented).
         for exit_fut in self._exits.values():
             if not exit_fut.done():
@@ -221,16 +249,37 @@ class Spawner:
         out_fd: int,
         creds: Credentials,
         fast: bool,
+        *,
+        sandbox: Sandbox | None = None,
+        hidden: Sequence[str] = (),
+        lookup: bool = False,
+        nofile: int | None = None,
     ) -> Spawned:
         """Start a job in the spawner (``fast``: posix_spawn from inside the job's group; see
         :mod:`jobworker.spawn.child`). The fds are duplicated into the spawner; the caller keeps
-        (and must close) its own."""
+        (and must close) its own.
+
+        ``sandbox``: namespaces of its own, with ``hidden`` paths masked (always the fork
+        path). ``lookup``: ``path`` is argv[0], to be searched in ``env["PATH"]`` (and ``cwd``
+        checked) in the child with the job's credentials (fork path). ``nofile``: the job's
+        RLIMIT_NOFILE soft limit."""
         if self._dead is not None:
             raise SpawnerDied(str(self._dead))
         self._next_id += 1
         req = self._next_id
         fut: asyncio.Future[Spawned] = self._loop.create_future()
         self._pending[req] = fut
+        self._requests[req] = _Request(argv[0], env.get("PATH", ""), cwd)
+        options: dict[str, Any] = {}
+        if nofile is not None:
+            options["nofile"] = nofile
+        if lookup:
+            options["lookup"] = os.fsencode(env.get("PATH", ""))
+        if sandbox is not None:
+            options["sandbox"] = {
+                "net": sandbox.network is Network.NONE,
+                "hide": [os.fsencode(p) for p in hidden],
+            }
         message = (
             "spawn",
             req,
@@ -241,12 +290,14 @@ class Spawner:
             creds.uid,
             creds.gid,
             list(creds.groups),
-            fast,
+            fast and sandbox is None and not lookup,
+            options,
         )
         try:
             await self._send(message, [procs_fd, out_fd])
         except OSError as e:
             self._pending.pop(req, None)
+            self._requests.pop(req, None)
             if self._dead is not None:
                 raise SpawnerDied(str(self._dead)) from e
             if isinstance(e, (BrokenPipeError, ConnectionResetError)):

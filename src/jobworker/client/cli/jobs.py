@@ -21,7 +21,7 @@ from jobworker.client.cli.session import Session, follow_output, remote, wait_fo
 from jobworker.client.cli.settings import settings_of
 from jobworker.errors import InvalidArgument, JobworkerError
 from jobworker.limits import Limits
-from jobworker.spec import JobState, JobStatus
+from jobworker.spec import JobState, JobStatus, Network
 
 
 def _collect_io(
@@ -82,11 +82,19 @@ def _env(items: Sequence[str]) -> dict[str, str]:
     return env
 
 
+def _placement(options: dict[str, Any]) -> dict[str, Any]:
+    """``network`` and ``sandbox`` for :meth:`Client.start` from --network and --no-sandbox."""
+    network, no_sandbox = options.pop("network"), options.pop("no_sandbox")
+    if no_sandbox and network is not None:
+        raise click.UsageError("--network applies to the sandbox; it cannot go with --no-sandbox")
+    return {"network": None if network is None else Network(network), "sandbox": not no_sandbox}
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def job_options(f: F) -> F:
-    """LIMITS, --env and --cwd, shared by start and run."""
+    """LIMITS, --env, --cwd, --network and --no-sandbox, shared by start and run."""
     decorators = [
         click.option("--cpu", metavar="CORES", help="CPU bandwidth in cores, e.g. 0.5 or 2."),
         click.option(
@@ -122,6 +130,17 @@ def job_options(f: F) -> F:
             metavar="DIR",
             help="Working directory on the daemon's host (absolute).  [default: /]",
         ),
+        click.option(
+            "--network",
+            type=click.Choice(["host", "none"]),
+            help="The job's network: the host's, or none (its own, with only loopback).  "
+            "[default: the daemon's]",
+        ),
+        click.option(
+            "--no-sandbox",
+            is_flag=True,
+            help="Run in the host's namespaces (admins only; for host-wide tools like ps).",
+        ),
         click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARGS]..."),
     ]
     for decorator in reversed(decorators):
@@ -150,10 +169,10 @@ def start(
       id=$(worker start --memory 512M -- sh -c 'echo hello; sleep 30')
     """
     settings = settings_of(ctx)
-    limits, variables = _limits(options), _env(env)
+    limits, variables, place = _limits(options), _env(env), _placement(options)
 
     async def body(session: Session) -> JobStatus:
-        return await session.client.start(command, env=variables, cwd=cwd, limits=limits)
+        return await session.client.start(command, env=variables, cwd=cwd, limits=limits, **place)
 
     click.echo(remote(settings, body).id)
 
@@ -179,11 +198,11 @@ def run(
       worker run --cpu 0.5 -- python3 -c 'print(sum(range(10**7)))'
     """
     settings = settings_of(ctx)
-    limits, variables = _limits(options), _env(env)
+    limits, variables, place = _limits(options), _env(env), _placement(options)
     out = sys.stdout.buffer
 
     async def body(session: Session) -> JobStatus:
-        status = await session.client.start(command, env=variables, cwd=cwd, limits=limits)
+        status = await session.client.start(command, env=variables, cwd=cwd, limits=limits, **place)
         with _interruptible(session, status.id) as detached:
             try:
                 await follow_output(session, status.id, True, out)
