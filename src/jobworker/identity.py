@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Final
 
 
 class Role(enum.StrEnum):
@@ -11,3 +12,12 @@ class Role(enum.StrEnum):
     ADMIN = "admin"
     USER = "user"
     VIEWER = "viewer"
+
+
+RESERVED_NAMES: Final = frozenset({*Role, "ca", "server"})
+"""Names no identity may have (compared case-insensitively): the roles, so that a name can
+never be read as a role in the policy file or a log, and the PKI's own file stems."""
+
+
+def is_reserved(name: str) -> bool:
+    return name.casefold() in RESERVED_NAMES

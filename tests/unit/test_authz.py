@@ -11,13 +11,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from jobworker.client.pki import RESERVED_NAMES as PKI_RESERVED
 from jobworker.client.pki import init_pki, load_ca, make_ca
 from jobworker.errors import InvalidArgument, JobNotFound, PermissionDenied, Unauthenticated
-from jobworker.identity import Role
+from jobworker.identity import RESERVED_NAMES, Role
 from jobworker.server.authz import (
     MATRIX,
-    RESERVED_NAMES,
     Action,
     Decision,
     Identity,
@@ -226,7 +224,7 @@ def test_flat_run_as_is_refused_with_its_rewrite(tmp_path: Path) -> None:
 
 
 def test_reserved_names_are_the_roles_ca_and_server() -> None:
-    assert RESERVED_NAMES == {"admin", "user", "viewer", "ca", "server"} == PKI_RESERVED
+    assert {"admin", "user", "viewer", "ca", "server"} == RESERVED_NAMES
 
 
 @pytest.mark.parametrize("name", ["admin", "user", "viewer", "ca", "server", "Admin", "USER"])

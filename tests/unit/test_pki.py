@@ -15,7 +15,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from jobworker.client.pki import (
     DEFAULT_USERS,
-    RESERVED_NAMES,
     CertPair,
     PkiError,
     init_pki,
@@ -24,7 +23,7 @@ from jobworker.client.pki import (
     parse_user,
     write_pair,
 )
-from jobworker.identity import Role
+from jobworker.identity import RESERVED_NAMES, Role
 from jobworker.server.authz import identity_from_certificate
 
 NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from jobworker.identity import Role
+from jobworker.identity import RESERVED_NAMES, Role
 
 CA_DAYS = 3650
 LEAF_DAYS = 825
@@ -48,7 +48,6 @@ DEFAULT_USERS: tuple[tuple[str, Role], ...] = (
 )
 SERVER_DEFAULT_NAMES = ("localhost", "127.0.0.1", "::1")
 ORGANIZATION = "jobworker"
-RESERVED_NAMES = frozenset({*Role, "ca", "server"})
 """Names no user may have (compared case-insensitively): the roles, so that a name is never
 mistaken for one (workerd refuses such certificates too), and this directory's own stems."""
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

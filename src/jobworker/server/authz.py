@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from jobworker.errors import InvalidArgument, JobNotFound, PermissionDenied, Unauthenticated
-from jobworker.identity import Role
+from jobworker.identity import RESERVED_NAMES, Role, is_reserved
 
 
 class Action(enum.StrEnum):
@@ -102,15 +102,6 @@ def authorize(
 def visible(identity: Identity, owner: str) -> bool:
     """Whether a job owned by ``owner`` appears in ``identity``'s listing."""
     return decide(identity, Action.LIST, owner) is not Decision.HIDE
-
-
-RESERVED_NAMES: Final = frozenset({*Role, "ca", "server"})
-"""Names no identity may have (compared case-insensitively): the roles, so that a name can
-never be read as a role in the policy file or a log, and the PKI's own file stems."""
-
-
-def is_reserved(name: str) -> bool:
-    return name.casefold() in RESERVED_NAMES
 
 
 _POLICY_TABLES: Final = {"roles", "run_as"}
