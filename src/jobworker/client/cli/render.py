@@ -16,6 +16,14 @@ from jobworker.limits import Limits
 from jobworker.spec import JobState, JobStatus
 
 
+def _safe(text: str) -> str:
+    """``text`` with control characters escaped: an owner name or argv chosen by someone else
+    must not send escape sequences to this terminal (JSON output is escaped by json)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def signame(number: int) -> str:
     try:
         return signal.Signals(number).name
@@ -35,7 +43,7 @@ def outcome(s: JobStatus) -> str:
         how = ""
     if s.oom_killed:
         how += " (out of memory)"
-    reason = f" ({s.reason})" if s.reason else ""
+    reason = f" ({_safe(s.reason)})" if s.reason else ""
     return f"{s.state.value}{reason}{how}"
 
 
@@ -113,8 +121,8 @@ def status_text(s: JobStatus) -> str:
     rows = [
         ("id", s.id),
         ("state", outcome(s)),
-        ("owner", s.owner),
-        ("command", shlex.join(s.argv)),
+        ("owner", _safe(s.owner)),
+        ("command", _safe(shlex.join(s.argv))),
         ("pid", str(s.pid)),
         ("started", _time(s.started_at)),
         ("ended", _time(s.ended_at)),
@@ -144,7 +152,14 @@ def status_text(s: JobStatus) -> str:
 def list_text(jobs: Sequence[JobStatus]) -> str:
     header = ("ID", "STATE", "EXIT", "OWNER", "STARTED", "COMMAND")
     rows = [
-        (s.id, s.state.value, _short_exit(s), s.owner, _time(s.started_at), shlex.join(s.argv))
+        (
+            s.id,
+            s.state.value,
+            _short_exit(s),
+            _safe(s.owner),
+            _time(s.started_at),
+            _safe(shlex.join(s.argv)),
+        )
         for s in jobs
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
