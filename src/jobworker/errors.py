@@ -10,6 +10,8 @@
     ├── PermissionDenied                    the caller: its role forbids    PERMISSION_DENIED
     │   └── Unauthenticated                 the caller: no usable identity  UNAUTHENTICATED
     ├── LimitUnavailable                    the host: controller missing    FAILED_PRECONDITION
+    ├── JobRunning                          the caller: the job has not     FAILED_PRECONDITION
+    │                                       ended (rm of a running job)
     ├── ResourceExhausted                   the host: out of processes or   RESOURCE_EXHAUSTED
     │                                       memory for now; try again
     ├── ShuttingDown                        nobody: the manager is closing  UNAVAILABLE
@@ -24,7 +26,8 @@
                                             a status outside the table
 
 The status codes are mapped in one table (:mod:`jobworker.api.errors`): the service turns a
-raised error into its code there, and the client turns a code back into the class.
+raised error into its code there (and names the class in the ``jobworker-error`` trailer, for
+codes several classes share), and the client turns them back into the class.
 """
 
 from __future__ import annotations
@@ -60,6 +63,10 @@ class Unauthenticated(PermissionDenied):
 
 class LimitUnavailable(JobworkerError):
     """A requested limit needs a cgroup controller this host does not offer."""
+
+
+class JobRunning(JobworkerError):
+    """The request needs an ended job, and this one still runs (remove it after it ends)."""
 
 
 class ResourceExhausted(JobworkerError):

@@ -26,6 +26,7 @@ from jobworker.cgroup.watch import EventsWatcher
 from jobworker.errors import (
     HostError,
     JobNotFound,
+    JobRunning,
     JobworkerError,
     ShuttingDown,
 )
@@ -195,6 +196,15 @@ class JobManager:
     def list(self) -> list[JobStatus]:
         """Every known job, oldest first (live usage omitted: ask :meth:`status`)."""
         return [j.snapshot() for j in self._jobs.values()]
+
+    async def remove(self, job_id: str) -> None:
+        """Forget an ended job: its record and log are deleted (readers that have the log open
+        read on to its end). Raises :class:`JobRunning` for a job that has not ended."""
+        job = self._get(job_id)
+        if not job.ended.is_set():
+            raise JobRunning(f"job {job_id} is still running; stop it first")
+        del self._jobs[job_id]
+        await self._store.remove_async(job_id)
 
     async def wait(self, job_id: str) -> JobStatus:
         job = self._get(job_id)

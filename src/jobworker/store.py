@@ -86,6 +86,18 @@ class Store:
         except OSError as e:
             raise HostError(f"cannot create the job's log {path}: {e.strerror}") from e
 
+    def remove(self, job_id: str) -> None:
+        """Remove an ended job's record and log, for good (the directory is fsynced)."""
+        self.discard(job_id)
+        try:
+            self._sync_dir()
+        except OSError as e:
+            raise HostError(f"cannot sync {self.jobs} after removing job {job_id}: {e}") from e
+
+    async def remove_async(self, job_id: str) -> None:
+        """:meth:`remove` on the writer thread, in order with the records it writes."""
+        await asyncio.get_running_loop().run_in_executor(self._writer, self.remove, job_id)
+
     def discard(self, job_id: str) -> None:
         """Remove everything of a job that never started."""
         for suffix in (LOG, RECORD, TMP):

@@ -188,3 +188,10 @@ def test_network_round_trips_and_unknown_values_are_refused() -> None:
         assert network_from_pb(network_to_pb(network)) == network
     with pytest.raises(InvalidArgument, match="not one of host"):
         network_from_pb(7)
+
+
+def test_the_service_serves_every_method_of_the_proto() -> None:
+    from jobworker.server.service import _METHODS
+
+    service = pb.DESCRIPTOR.services_by_name["JobWorker"]
+    assert {m.name for m in service.methods} == {name for name, _, _ in _METHODS}

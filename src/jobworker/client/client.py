@@ -28,7 +28,7 @@ from grpc import aio
 
 from jobworker import tls
 from jobworker.api import convert
-from jobworker.api.errors import error_for
+from jobworker.api.errors import ERROR_TRAILER, error_for
 from jobworker.api.proto import pb, pb_grpc
 from jobworker.errors import JobworkerError, RemoteError
 from jobworker.limits import Limits
@@ -47,9 +47,12 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 
 
 def _translate(e: grpc.RpcError, job_id: str | None = None) -> JobworkerError:
-    code = e.code() if isinstance(e, aio.AioRpcError) else grpc.StatusCode.UNKNOWN
-    details = e.details() if isinstance(e, aio.AioRpcError) else str(e)
-    return error_for(code.name, details or "", job_id)
+    if not isinstance(e, aio.AioRpcError):
+        return error_for(grpc.StatusCode.UNKNOWN.name, str(e), job_id)
+    trailer: tuple[tuple[str, str | bytes], ...] = tuple(e.trailing_metadata() or ())  # type: ignore[arg-type]
+    names = [v for k, v in trailer if k == ERROR_TRAILER]
+    name = names[0] if names and isinstance(names[0], str) else None
+    return error_for(e.code().name, e.details() or "", job_id, name)
 
 
 class Client:
@@ -145,6 +148,13 @@ class Client:
         except grpc.RpcError as e:
             raise _translate(e, job_id) from None
         return convert.status_from_pb(response.status)
+
+    async def remove(self, job_id: str) -> None:
+        """Remove an ended job (its record and log); :class:`JobRunning` if it still runs."""
+        try:
+            await self._stub.Remove(pb.RemoveRequest(id=job_id), timeout=self._timeout)
+        except grpc.RpcError as e:
+            raise _translate(e, job_id) from None
 
     async def status(self, job_id: str) -> JobStatus:
         try:

@@ -33,6 +33,7 @@ class Action(enum.StrEnum):
     LIST = "list"
     LOGS = "logs"
     WAIT = "wait"
+    REMOVE = "remove"
 
 
 class Decision(enum.Enum):
@@ -65,6 +66,9 @@ MATRIX: Final[Mapping[tuple[Role, Action], tuple[Decision, Decision]]] = {
     (Role.VIEWER, Action.LIST): (_A, _A),
     (Role.VIEWER, Action.LOGS): (_A, _A),
     (Role.VIEWER, Action.WAIT): (_A, _A),
+    (Role.ADMIN, Action.REMOVE): (_A, _A),
+    (Role.USER, Action.REMOVE): (_A, _H),
+    (Role.VIEWER, Action.REMOVE): (_D, _D),
 }
 """The permission model. START has no job, so both columns are the same; LIST's columns say
 which jobs appear in the listing."""

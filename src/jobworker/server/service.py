@@ -28,7 +28,7 @@ from typing import Any
 from google.protobuf.message import DecodeError, Message
 
 from jobworker.api import convert
-from jobworker.api.errors import code_for
+from jobworker.api.errors import ERROR_TRAILER, code_for, name_for
 from jobworker.api.proto import pb, pb_grpc
 from jobworker.cgroup.devices import resolve_limits
 from jobworker.errors import HostError, InvalidArgument, JobworkerError, PermissionDenied
@@ -221,7 +221,9 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
             if isinstance(e, HostError):
                 log.error("%s: %s", method, e, exc_info=e)
             done(code)
-            await context.abort(code, _details(str(e)))
+            await context.abort(
+                code, _details(str(e)), trailing_metadata=((ERROR_TRAILER, name_for(e)),)
+            )
         except asyncio.CancelledError:
             done(grpc.StatusCode.CANCELLED)
             raise
@@ -318,6 +320,16 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
             return pb.WaitResponse(status=convert.status_to_pb(status))
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def Remove(
+        self, request: pb.RemoveRequest, context: aio.ServicerContext[object, object]
+    ) -> pb.RemoveResponse:
+        async with self._rpc("Remove", context) as identity:
+            self._job(identity, Action.REMOVE, request.id)
+            await self._mgr.remove(request.id)
+            log.info("job %s removed by %s", request.id, printable(identity.name))
+            return pb.RemoveResponse()
+        raise AssertionError("unreachable")  # pragma: no cover
+
     async def Logs(
         self, request: pb.LogsRequest, context: aio.ServicerContext[object, object]
     ) -> AsyncGenerator[pb.LogsChunk]:
@@ -351,6 +363,7 @@ _METHODS: tuple[tuple[str, type[Message], type[Message]], ...] = (
     ("List", pb.ListRequest, pb.ListResponse),
     ("Logs", pb.LogsRequest, pb.LogsChunk),
     ("Wait", pb.WaitRequest, pb.WaitResponse),
+    ("Remove", pb.RemoveRequest, pb.RemoveResponse),
 )
 """What the generated ``add_JobWorkerServicer_to_server`` registers (Logs streams), but with
 request parsing that cannot fail inside grpc: see :func:`_lenient`."""

@@ -65,6 +65,11 @@ class JobWorkerStub(object):
                 request_serializer=jobworker_dot_api_dot_v1_dot_jobworker__pb2.WaitRequest.SerializeToString,
                 response_deserializer=jobworker_dot_api_dot_v1_dot_jobworker__pb2.WaitResponse.FromString,
                 _registered_method=True)
+        self.Remove = channel.unary_unary(
+                '/jobworker.v1.JobWorker/Remove',
+                request_serializer=jobworker_dot_api_dot_v1_dot_jobworker__pb2.RemoveRequest.SerializeToString,
+                response_deserializer=jobworker_dot_api_dot_v1_dot_jobworker__pb2.RemoveResponse.FromString,
+                _registered_method=True)
 
 
 class JobWorkerServicer(object):
@@ -114,6 +119,14 @@ class JobWorkerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Remove(self, request, context):
+        """Remove an ended job: its record and log. The owner or an admin may; a running job is
+        FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +159,11 @@ def add_JobWorkerServicer_to_server(servicer, server):
                     servicer.Wait,
                     request_deserializer=jobworker_dot_api_dot_v1_dot_jobworker__pb2.WaitRequest.FromString,
                     response_serializer=jobworker_dot_api_dot_v1_dot_jobworker__pb2.WaitResponse.SerializeToString,
+            ),
+            'Remove': grpc.unary_unary_rpc_method_handler(
+                    servicer.Remove,
+                    request_deserializer=jobworker_dot_api_dot_v1_dot_jobworker__pb2.RemoveRequest.FromString,
+                    response_serializer=jobworker_dot_api_dot_v1_dot_jobworker__pb2.RemoveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +329,33 @@ class JobWorker(object):
             '/jobworker.v1.JobWorker/Wait',
             jobworker_dot_api_dot_v1_dot_jobworker__pb2.WaitRequest.SerializeToString,
             jobworker_dot_api_dot_v1_dot_jobworker__pb2.WaitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Remove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobworker.v1.JobWorker/Remove',
+            jobworker_dot_api_dot_v1_dot_jobworker__pb2.RemoveRequest.SerializeToString,
+            jobworker_dot_api_dot_v1_dot_jobworker__pb2.RemoveResponse.FromString,
             options,
             channel_credentials,
             insecure,

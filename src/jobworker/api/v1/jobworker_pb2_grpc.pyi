@@ -58,6 +58,10 @@ class JobWorkerStub:
     """
     Wait: _grpc.UnaryUnaryMultiCallable[_jobworker_pb2.WaitRequest, _jobworker_pb2.WaitResponse]
     """Block until the job has ended; returns its final status."""
+    Remove: _grpc.UnaryUnaryMultiCallable[_jobworker_pb2.RemoveRequest, _jobworker_pb2.RemoveResponse]
+    """Remove an ended job: its record and log. The owner or an admin may; a running job is
+    FAILED_PRECONDITION.
+    """
 
 @_typing.type_check_only
 class JobWorkerAsyncStub(JobWorkerStub):
@@ -79,6 +83,10 @@ class JobWorkerAsyncStub(JobWorkerStub):
     """
     Wait: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.WaitRequest, _jobworker_pb2.WaitResponse]  # type: ignore[assignment]
     """Block until the job has ended; returns its final status."""
+    Remove: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.RemoveRequest, _jobworker_pb2.RemoveResponse]  # type: ignore[assignment]
+    """Remove an ended job: its record and log. The owner or an admin may; a running job is
+    FAILED_PRECONDITION.
+    """
 
 class JobWorkerServicer(metaclass=_abc_1.ABCMeta):
     """Runs Linux processes in their own cgroup v2 and streams their output."""
@@ -133,5 +141,15 @@ class JobWorkerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_jobworker_pb2.WaitResponse, _abc.Awaitable[_jobworker_pb2.WaitResponse]]:
         """Block until the job has ended; returns its final status."""
+
+    @_abc_1.abstractmethod
+    def Remove(
+        self,
+        request: _jobworker_pb2.RemoveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobworker_pb2.RemoveResponse, _abc.Awaitable[_jobworker_pb2.RemoveResponse]]:
+        """Remove an ended job: its record and log. The owner or an admin may; a running job is
+        FAILED_PRECONDITION.
+        """
 
 def add_JobWorkerServicer_to_server(servicer: JobWorkerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -16,6 +16,7 @@ from jobworker.errors import (
     HostError,
     InvalidArgument,
     JobNotFound,
+    JobRunning,
     JobworkerError,
     LimitUnavailable,
     PermissionDenied,
@@ -35,7 +36,8 @@ class Exit(enum.IntEnum):
     USAGE = 64
     """Bad command line: unknown option, missing argument, a value that does not parse."""
     INVALID = 65
-    """The daemon refused the request: command not found, bad cwd, limit above its maximum."""
+    """The daemon refused the request: command not found, bad cwd, limit above its maximum, rm
+    of a job that still runs."""
     NOT_FOUND = 66
     """No such job, or one the caller may not see."""
     LIMIT_UNAVAILABLE = 67
@@ -106,6 +108,8 @@ def error_exit(e: JobworkerError, addr: str) -> CommandExit:
         return CommandExit(Exit.PERMISSION, f"permission denied: {e}")
     if isinstance(e, LimitUnavailable):
         return CommandExit(Exit.LIMIT_UNAVAILABLE, str(e))
+    if isinstance(e, JobRunning):
+        return CommandExit(Exit.INVALID, str(e))
     if isinstance(e, ResourceExhausted):
         return CommandExit(Exit.RESOURCE_EXHAUSTED, f"workerd has no room for the request: {e}")
     if isinstance(e, InvalidArgument):

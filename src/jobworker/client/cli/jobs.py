@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import click
 
 from jobworker.client.cli.app import cli
-from jobworker.client.cli.completion import JOB_ID
+from jobworker.client.cli.completion import JOB_ID, complete_job_ids
 from jobworker.client.cli.exits import CommandExit, Exit, StdoutClosed, finish, warn
 from jobworker.client.cli.render import echo_json, list_text, outcome, status_json, status_text
 from jobworker.client.cli.session import Session, follow_output, remote, wait_for_end
@@ -370,5 +370,25 @@ def logs(ctx: click.Context, follow: bool, job_id: str) -> None:
     async def body(session: Session) -> None:
         await session.client.status(job_id)  # a fast first answer: not found, no daemon, ...
         await follow_output(session, job_id, follow or settings.follow, out)
+
+    remote(settings, body)
+
+
+@cli.command()
+@click.argument(
+    "job_ids", nargs=-1, required=True, metavar="ID...", shell_complete=complete_job_ids
+)
+@click.pass_context
+def rm(ctx: click.Context, job_ids: tuple[str, ...]) -> None:
+    """Remove ended jobs: their records and logs, for good (the owner or an admin may).
+
+    A job that still runs is refused (stop it first); the others are removed.
+    """
+    settings = settings_of(ctx)
+
+    async def body(session: Session) -> None:
+        for job_id in job_ids:
+            await session.client.remove(job_id)
+            click.echo(job_id)
 
     remote(settings, body)
