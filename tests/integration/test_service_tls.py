@@ -11,6 +11,7 @@ import grpc
 
 # isort: on
 import asyncio
+import errno
 import os
 import shutil
 import socket
@@ -18,15 +19,20 @@ import ssl
 import subprocess
 import sys
 import textwrap
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from jobworker import JobManager
 from jobworker.api.proto import pb, pb_grpc
 from jobworker.client.pki import init_pki, issue_client, load_ca, write_pair
+from jobworker.errors import HostError
+from jobworker.server import service, tls13
 from jobworker.server.daemon import Daemon
 from jobworker.server.tls13 import CIPHER_SUITES_ENV, TLS12_SUITES, accepts_tls12
+from jobworker.tls import Paths, load_server
 from tests.conftest import wait_for
 
 pki_dir, daemon = harness.pki_dir, harness.daemon
@@ -246,3 +252,80 @@ async def test_server_refuses_to_start_when_grpc_was_imported_first(pki_dir: Pat
 
 def test_this_process_restricts_tls12_suites() -> None:
     assert os.environ[CIPHER_SUITES_ENV] == TLS12_SUITES
+
+
+# -- the TLS 1.2 self-probe fails closed and runs before any RPC is served -------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def admin_list(port: int, pki: Path) -> tuple[grpc.StatusCode, str]:
+    """A List RPC as the admin: its status code and details."""
+    ca = (pki / "ca.pem").read_bytes()
+    ch = harness.channel(
+        port, ca, (pki / "root-key.pem").read_bytes(), (pki / "root.pem").read_bytes()
+    )
+    try:
+        await pb_grpc.JobWorkerStub(ch).List(pb.ListRequest(all=True), timeout=30)
+    except grpc.aio.AioRpcError as e:
+        return e.code(), e.details() or ""
+    finally:
+        await ch.close(None)
+    return grpc.StatusCode.OK, ""
+
+
+async def test_probe_error_refuses_to_serve(
+    manager: JobManager, pki_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OSError during the probe (it could not tell) stops the start, naming the cause; the
+    port is released."""
+
+    def broken(host: str, port: int, timeout: float = 5.0) -> bool:
+        raise ConnectionResetError(errno.ECONNRESET, "injected reset")
+
+    monkeypatch.setattr(tls13, "accepts_tls12", broken)
+    port = free_port()
+    servicer = service.JobWorkerService(manager)
+    material = load_server(Paths.from_pki(pki_dir, "server"))
+    with pytest.raises(HostError, match=r"TLS 1\.2 self-probe .* failed: .*injected reset"):
+        await service.start_server(servicer, material, f"127.0.0.1:{port}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # free again: the server was stopped
+
+
+async def test_no_rpc_is_served_before_the_probe_passed(
+    manager: JobManager, pki_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entered, release = threading.Event(), threading.Event()
+    probed: list[int] = []
+    real_probe = tls13.accepts_tls12
+
+    def blocking(host: str, port: int, timeout: float = 5.0) -> bool:
+        probed.append(port)
+        entered.set()
+        release.wait(30)
+        return real_probe(host, port, timeout)
+
+    monkeypatch.setattr(tls13, "accepts_tls12", blocking)
+    servicer = service.JobWorkerService(manager)
+    material = load_server(Paths.from_pki(pki_dir, "server"))
+    starting = asyncio.create_task(service.start_server(servicer, material, "127.0.0.1:0"))
+    try:
+        await asyncio.to_thread(entered.wait, 30)
+        assert entered.is_set()
+        code, details = await admin_list(probed[0], pki_dir)
+        assert code is grpc.StatusCode.UNAVAILABLE, (code, details)
+        assert "not serving yet" in details
+        assert not starting.done()
+    finally:
+        release.set()
+        running = await starting
+    try:
+        assert await admin_list(running.port, pki_dir) == (grpc.StatusCode.OK, "")
+    finally:
+        await running.server.stop(None)

@@ -18,6 +18,14 @@ from jobworker.errors import GroupGone, HostError
 _RMDIR_BACKOFF = (0.001, 0.005, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 1.0, 2.0)
 SWEEP_ROUNDS = 32
 """Kill fallback: reads of cgroup.procs per sweep (each SIGKILLs the pids not yet signalled)."""
+PARENT_MODE = 0o711
+"""The manager's parent group: the daemon's user may do anything; others may pass through to
+a file they know the name of, but not list the job groups."""
+GROUP_MODE = 0o700
+"""A job group: the daemon's user only. The job's process is placed in it by the spawner (root,
+or the daemon's user) or by the forked child before it drops its credentials, so the job
+itself needs no access; other accounts cannot list it or read its ``cgroup.procs`` (which pids
+run which job) or its usage."""
 SWEEP_RECHECK = 0.05
 """Kill fallback: how long :meth:`CgroupTree.kill_until_empty` waits for the group to empty
 before sweeping again."""
@@ -50,7 +58,10 @@ class CgroupTree:
         would kill the first one's jobs as leftovers and remove the group from under it.
         """
         try:
-            self.parent.mkdir(exist_ok=True)
+            self.parent.mkdir(mode=PARENT_MODE, exist_ok=True)
+            # chmod, not only mkdir's mode: the umask would narrow it, and a leftover group
+            # from an older version may be wider.
+            self.parent.chmod(PARENT_MODE)
         except OSError as e:
             raise HostError(f"cannot create cgroup {self.parent}: {e.strerror}") from e
         if self._use_cgroup_kill is None:  # the root group has none, but this one is no root
@@ -79,11 +90,18 @@ class CgroupTree:
         return self.parent / job_id
 
     def create(self, job_id: str) -> Path:
+        """Make the job's group, mode :data:`GROUP_MODE` whatever the umask."""
         path = self.group(job_id)
         try:
-            path.mkdir()
+            path.mkdir(mode=GROUP_MODE)
         except OSError as e:
             raise HostError(f"cannot create cgroup {path}: {e.strerror}") from e
+        try:
+            path.chmod(GROUP_MODE)  # mkdir's mode is narrowed by the umask, never widened
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+            raise HostError(f"cannot set the mode of cgroup {path}: {e.strerror}") from e
         return path
 
     def existing(self) -> list[str]:

@@ -63,8 +63,12 @@ class Config:
     that is not root can only run jobs as itself, so it must name its own user here."""
     uid_range: UidRange = DEFAULT_UID_RANGE
     """Where identities' own uids come from (gid = uid); recorded in STATE/identities.json."""
+    debug_socket: Path | None = None
+    """Unix socket (mode 0600, the daemon's user only) for /metrics and /debug/*; ``None`` =
+    off. ``STATE_DIR/debug.sock`` is a good place: the state dir is the daemon's alone."""
     debug_address: str | None = None
-    """``HOST:PORT`` on loopback for /metrics and /debug/*; ``None`` = off."""
+    """``HOST:PORT`` on loopback for the same over HTTPS with mutual TLS (the daemon's CA and
+    server certificate; admin client certificates only); ``None`` = off."""
     default_network: Network = Network.HOST
     """The network of a sandboxed job that does not ask for one."""
     host_network_roles: frozenset[Role] = frozenset(Role)
@@ -107,8 +111,17 @@ class Daemon:
         return self._server.port
 
     @property
+    def debug(self) -> DebugServer | None:
+        return self._debug
+
+    @property
     def debug_port(self) -> int | None:
-        return self._debug.port if self._debug else None
+        """The debug endpoint's HTTPS port (``None`` when not served over TCP)."""
+        return self._debug.tcp_port if self._debug else None
+
+    @property
+    def debug_socket(self) -> Path | None:
+        return self._debug.socket_path if self._debug else None
 
     async def close(self) -> None:
         """Graceful shutdown; see the module docstring. Idempotent, and safe to call from
@@ -188,15 +201,24 @@ async def serve(config: Config) -> Daemon:
             return [s.state for s in manager.list()]
 
         debug: DebugServer | None = None
-        if config.debug_address is not None:
-            debug = endpoint = DebugServer(metrics, loop)
+        if config.debug_socket is not None or config.debug_address is not None:
+            debug = endpoint = DebugServer(metrics, loop, policy)
             metrics.observe_jobs(lambda: endpoint.on_loop(list_states))
-            endpoint.start(config.debug_address)
             undo.callback(endpoint.close)
-            log.info(
-                "debug endpoint on %s (metrics, debug/stacks, debug/profile, debug/heap)",
-                endpoint.url,
-            )
+            if config.debug_socket is not None:
+                endpoint.start_unix(config.debug_socket)
+                log.info(
+                    "debug endpoint on unix socket %s (metrics, debug/stacks, debug/profile, "
+                    "debug/heap)",
+                    endpoint.socket_path,
+                )
+            if config.debug_address is not None:
+                endpoint.start_tcp(config.debug_address, material)
+                log.info(
+                    "debug endpoint on %s (HTTPS, admin client certificates only; metrics, "
+                    "debug/stacks, debug/profile, debug/heap)",
+                    endpoint.url,
+                )
         servicer = service.JobWorkerService(manager, settings, metrics)
         server = await service.start_server(servicer, material, config.listen)
         undo.pop_all()
@@ -373,9 +395,17 @@ def _env(name: str) -> str:
 )
 @click.option("--max-pids", envvar=_env("MAX_PIDS"), help="Most tasks a job may ask for.")
 @click.option(
+    "--debug-socket",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=_env("DEBUG_SOCKET"),
+    help="Unix socket (mode 0600) for /metrics and /debug/* (off by default), e.g. "
+    "STATE_DIR/debug.sock; curl --unix-socket PATH http://localhost/metrics.",
+)
+@click.option(
     "--debug-addr",
     envvar=_env("DEBUG_ADDR"),
-    help="Loopback HOST:PORT for /metrics and /debug/* (off by default), e.g. 127.0.0.1:6060.",
+    help="Loopback HOST:PORT serving the same over HTTPS with mutual TLS, admin client "
+    "certificates only (off by default), e.g. 127.0.0.1:6060.",
 )
 @click.option(
     "--default-network",
@@ -413,6 +443,7 @@ def main(
     max_memory: str | None,
     max_io: tuple[str, ...],
     max_pids: str | None,
+    debug_socket: Path | None,
     debug_addr: str | None,
     default_network: str,
     log_level: str,
@@ -444,6 +475,7 @@ def main(
             policy_file=policy_file,
             job_account=job_user,
             uid_range=UidRange.parse(uid_range),
+            debug_socket=debug_socket,
             debug_address=debug_addr,
             default_network=Network(default_network),
         )

@@ -459,14 +459,51 @@ class RunningServer:
     port: int
 
 
+NOT_READY = "the daemon is not serving yet (it is checking its own TLS settings); retry"
+
+
+class _Gate:
+    """Closed until the TLS 1.2 self-probe has passed: grpc.aio accepts connections as soon as
+    the server starts, and the probe needs the port listening, so every RPC that arrives before
+    the probe is answered UNAVAILABLE without reaching the service."""
+
+    __slots__ = ("open",)
+
+    def __init__(self) -> None:
+        self.open = False
+
+
+def _gated(
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]], gate: _Gate
+) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    def guard(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def handler(request: object, context: Context) -> Any:
+            if not gate.open:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, NOT_READY)
+            return await behavior(request, context)
+
+        return handler
+
+    gated: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for name, h in handlers.items():
+        if h.unary_unary is not None:
+            gated[name] = h._replace(unary_unary=guard(h.unary_unary))  # type: ignore[attr-defined]
+        else:
+            assert h.unary_stream is not None
+            gated[name] = h._replace(unary_stream=guard(h.unary_stream))  # type: ignore[attr-defined]
+    return gated
+
+
 async def start_server(
     service: JobWorkerService, material: Material, address: str
 ) -> RunningServer:
     """Serve ``service`` on ``address`` (``HOST:PORT``; port 0 picks one) with mutual TLS.
 
     Refuses to start (:class:`HostError`) if grpc was imported before
-    :mod:`jobworker.server.tls13`, or if the listening port turns out to accept a TLS 1.2
-    handshake after all.
+    :mod:`jobworker.server.tls13`, if the listening port turns out to accept a TLS 1.2
+    handshake after all, or if that self-probe cannot be made (fail closed). Until the probe
+    has passed, every RPC is answered UNAVAILABLE (:data:`NOT_READY`) without reaching
+    ``service``.
     """
     if not tls13.TLS13_ONLY:
         raise HostError(
@@ -474,7 +511,8 @@ async def start_server(
             "jobworker.server.service (or jobworker.server.tls13) before grpc"
         )
     server = aio.server(options=SERVER_OPTIONS)
-    handlers = _method_handlers(service)
+    gate = _Gate()
+    handlers = _gated(_method_handlers(service), gate)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     # As the generated code does (grpc finds registered methods faster); not in the stubs.
     server.add_registered_method_handlers(SERVICE, handlers)  # type: ignore[attr-defined]
@@ -486,6 +524,18 @@ async def start_server(
     except RuntimeError as e:
         raise HostError(f"cannot listen on {address}: {e}") from e
     await server.start()
+    try:
+        await _probe(address, port)
+    except BaseException:
+        await server.stop(None)
+        raise
+    gate.open = True
+    return RunningServer(server, port)
+
+
+async def _probe(address: str, port: int) -> None:
+    """The TLS 1.2 self-probe of a started server; raises :class:`HostError` unless it ran and
+    the handshake was refused."""
     host = address.rpartition(":")[0].strip("[]")
     probe_host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     # grpc's C core logs the refusal it is meant to cause ("Handshake failed ...
@@ -499,14 +549,14 @@ async def start_server(
     try:
         accepted = await asyncio.to_thread(tls13.accepts_tls12, probe_host, port)
     except OSError as e:
-        log.warning("could not probe %s:%d for TLS 1.2: %s", probe_host, port, e)
-        accepted = None
+        # Fail closed: a probe that could not run proves nothing about TLS 1.2.
+        raise HostError(
+            f"the TLS 1.2 self-probe of {probe_host}:{port} failed: {e}; refusing to serve "
+            "without it"
+        ) from e
     if accepted:
-        await server.stop(None)
         raise HostError(f"{address} accepted a TLS 1.2 handshake; refusing to serve")
-    if accepted is not None:
-        log.info(
-            "TLS 1.2 self-probe: refused as expected (grpc's NO_SHARED_CIPHER 'Handshake "
-            "failed' line is this probe, not a client's failure); serving TLS 1.3 only"
-        )
-    return RunningServer(server, port)
+    log.info(
+        "TLS 1.2 self-probe: refused as expected (grpc's NO_SHARED_CIPHER 'Handshake "
+        "failed' line is this probe, not a client's failure); serving TLS 1.3 only"
+    )
