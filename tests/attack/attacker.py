@@ -1,5 +1,8 @@
 """bob's job: tries every attack on alice's job and the daemon, prints one JSON object
-{attack: [outcome, evidence]}; outcome "SUCCEEDED" only when the attack got what it wanted."""
+{attack: [outcome, evidence]}; outcome "SUCCEEDED" only when the attack got what it wanted.
+
+Its arguments come in a file (argv[1]) so that alice's marker is not in its own command line;
+it is not told alice's secret, only the variable's name."""
 
 from __future__ import annotations
 
@@ -12,8 +15,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-args = json.loads(sys.argv[1])
-secret, marker = args["secret"].encode(), args["marker"].encode()
+with open(sys.argv[1]) as f:
+    args = json.load(f)
+secret, marker = args["secret_name"].encode() + b"=", args["marker"].encode()
+me = os.getpid()
 results: dict[str, list[str]] = {}
 
 
@@ -28,6 +33,8 @@ def attempt(name: str, fn: Callable[[], Any]) -> None:
 
 def hers(pid: int) -> bool:
     """Whether ``pid`` in this job's view is one of alice's processes."""
+    if pid == me:
+        return False
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         return marker in f.read()
 
@@ -93,15 +100,18 @@ def read_file(path: str, needle: bytes) -> Callable[[], bytes | None]:
 
 def write_file(path: str) -> Callable[[], str]:
     def go() -> str:
-        with open(path, "ab") as f:
-            f.write(b"bob was here\n")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)  # hers: never create a file of his own
+        try:
+            os.write(fd, f"{me}\n".encode())
+        finally:
+            os.close(fd)
         return f"wrote {path}"
 
     return go
 
 
 for where in ("/tmp", "/dev/shm"):
-    attempt(f"read her file in {where}", read_file(f"{where}/alice-secret", secret))
+    attempt(f"read her file in {where}", read_file(f"{where}/alice-secret", b"-"))
     attempt(f"write her file in {where}", write_file(f"{where}/alice-secret"))
 
 
@@ -119,8 +129,11 @@ attempt("read her record", read_file(f"{state}/jobs/{args['job']}.json", marker)
 attempt("read the server key", read_file(f"{args['pki']}/server-key.pem", b"PRIVATE KEY"))
 attempt("read the CA key", read_file(f"{args['pki']}/ca-key.pem", b"PRIVATE KEY"))
 attempt("list the job cgroups", listing(args["cgroup_parent"]))
-for group in (f"{args['cgroup_parent']}/{args['job']}", args["cgroup_parent"]):
-    attempt(f"write {group}/cgroup.procs", write_file(f"{group}/cgroup.procs"))
+for whose, group in (
+    ("her job's", f"{args['cgroup_parent']}/{args['job']}"),
+    ("the daemon's job parent's", args["cgroup_parent"]),
+):
+    attempt(f"write {whose} cgroup.procs", write_file(f"{group}/cgroup.procs"))
 
 
 def debug_endpoint() -> bytes:

@@ -63,7 +63,7 @@ async def run_matrix(
     daemon: Daemon, pki: Path, state: Path, public: Path, limits: Limits | None = None
 ) -> dict[str, list[str]]:
     address = f"127.0.0.1:{daemon.port}"
-    secret, marker = f"API_TOKEN-{uuid.uuid4().hex}", f"alice-marker-{uuid.uuid4().hex[:8]}"
+    secret, marker = f"token-{uuid.uuid4().hex}", f"alice-marker-{uuid.uuid4().hex[:8]}"
     script = public / "attacker.py"
     shutil.copy(ATTACKER, script)
     setuid_id = public / "id-setuid-root"
@@ -81,7 +81,7 @@ async def run_matrix(
             break
         manager = daemon.manager
         args = {
-            "secret": secret,
+            "secret_name": "API_TOKEN",
             "marker": marker,
             "pids": [hers.pid],
             "job": hers.id,
@@ -91,8 +91,9 @@ async def run_matrix(
             "debug_socket": str(daemon.debug_socket),
             "setuid_id": str(setuid_id),
         }
+        (public / "args.json").write_text(json.dumps(args))
         his = await bob.start(
-            ["python3", str(script), json.dumps(args)], cwd=str(public), limits=limits
+            ["python3", str(script), str(public / "args.json")], cwd=str(public), limits=limits
         )
         out = await _output(bob, his.id)
         final = await bob.wait(his.id)
