@@ -72,3 +72,22 @@ async def test_the_default_network_and_the_roles_kept_off_the_host(
             await alice.start(["true"], network=Network.HOST)
         job = await admin.start(["true"], network=Network.HOST)
         assert guarded.manager.spec(job.id).sandbox == Sandbox(Network.HOST)
+
+
+async def test_the_policy_file_keeps_roles_off_the_host_network(
+    tmp_path: Path, pki_dir: Path, cgroup_name: str
+) -> None:
+    if reason := cgroup2_usable():
+        pytest.skip(reason)
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[network]\nhost = ["admin"]\n')
+    config = harness.make_config(tmp_path / "state", pki_dir, cgroup_name, policy_file=policy)
+    d = await serve(config)
+    try:
+        async with Client.from_pki(f"127.0.0.1:{d.port}", pki_dir, "alice") as alice:
+            with pytest.raises(PermissionDenied, match="host's network"):
+                await alice.start(["true"])  # the default network is the host's
+            job = await alice.start(["true"], network=Network.NONE)
+            assert d.manager.spec(job.id).sandbox == Sandbox(Network.NONE)
+    finally:
+        await d.close()

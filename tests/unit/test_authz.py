@@ -239,3 +239,15 @@ def test_a_reserved_common_name_is_not_an_identity(ca: Path, name: str) -> None:
     # ... not even when a policy file names it
     with pytest.raises(Unauthenticated, match="reserved name"):
         identity_from_certificate(pem, Policy({name: Role.VIEWER}))
+
+
+def test_policy_network_table(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text('[network]\nhost = ["admin"]\n')
+    assert Policy.load(path).host_network_roles == frozenset({Role.ADMIN})
+    path.write_text("[roles]\n")
+    assert Policy.load(path).host_network_roles is None
+    for bad in ('[network]\nhost = ["root"]\n', '[network]\nhost = "admin"\n', "[network]\nx=1\n"):
+        path.write_text(bad)
+        with pytest.raises(InvalidArgument, match=r"\[network\]"):
+            Policy.load(path)

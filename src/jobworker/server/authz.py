@@ -108,7 +108,7 @@ def visible(identity: Identity, owner: str) -> bool:
     return decide(identity, Action.LIST, owner) is not Decision.HIDE
 
 
-_POLICY_TABLES: Final = {"roles", "run_as"}
+_POLICY_TABLES: Final = {"roles", "run_as", "network"}
 _RUN_AS_TABLES: Final = {"roles", "identities"}
 
 
@@ -121,6 +121,9 @@ class Policy:
     roles: Mapping[str, Role]
     run_as_roles: Mapping[Role, str] = field(default_factory=dict)
     run_as_identities: Mapping[str, str] = field(default_factory=dict)
+    host_network_roles: frozenset[Role] | None = None
+    """``[network] host = [...]``: the roles whose jobs may use the host's network (``None``:
+    the daemon's setting, by default every role)."""
 
     def account_for(self, identity: Identity) -> str | None:
         """The identity's own entry, else its role's, else ``None`` (the daemon decides)."""
@@ -145,6 +148,9 @@ class Policy:
             [run_as.identities]   # identity -> Unix account; before its role's entry
             alice = "alice:staff"
 
+            [network]             # the roles whose jobs may use the host's network; the
+            host = ["admin"]      # others must start them with --network none
+
         The old flat ``[run_as]`` table, which mixed identities and roles, is refused with a
         message saying how to rewrite it. Raises :class:`InvalidArgument` naming the file and
         entry when it is malformed, and ``OSError`` when it cannot be read.
@@ -159,7 +165,9 @@ class Policy:
 
         unknown = sorted(set(data) - _POLICY_TABLES)
         if unknown:
-            raise bad(f"unknown entry {unknown[0]!r}; the tables are [roles] and [run_as.*]")
+            raise bad(
+                f"unknown entry {unknown[0]!r}; the tables are [roles], [run_as.*] and [network]"
+            )
         table = data.get("roles", {})
         if not isinstance(table, dict):
             raise bad("[roles] must be a table")
@@ -189,7 +197,16 @@ class Policy:
             if is_reserved(name):
                 raise bad(f"[run_as.identities] {name!r}: {_reserved_text(name)}")
             by_name[name] = _account(bad, f"[run_as.identities] {name}", account)
-        return cls(roles, by_role, by_name)
+        network = data.get("network", {})
+        if not isinstance(network, dict) or set(network) - {"host"}:
+            raise bad('[network] takes one key, host = ["role", ...]')
+        host_roles: frozenset[Role] | None = None
+        if "host" in network:
+            listed = network["host"]
+            if not isinstance(listed, list) or any(r not in set(Role) for r in listed):
+                raise bad(f"[network] host must list roles ({', '.join(Role)}), got {listed!r}")
+            host_roles = frozenset(Role(r) for r in listed)
+        return cls(roles, by_role, by_name, host_roles)
 
 
 def _reserved_text(name: str) -> str:

@@ -169,7 +169,11 @@ async def serve(config: Config) -> Daemon:
         config.job_account,
         accounts=_accounts(config),
         default_network=config.default_network,
-        host_network_roles=config.host_network_roles,
+        host_network_roles=(
+            policy.host_network_roles
+            if policy is not None and policy.host_network_roles is not None
+            else config.host_network_roles
+        ),
     )
     # Every account the configuration names must exist (fail now, not at the first Start).
     named = {config.job_account} if config.job_account is not None else set()
