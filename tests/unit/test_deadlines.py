@@ -4,10 +4,15 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
 from jobworker.errors import InvalidArgument
+from jobworker.identity import Role
+from jobworker.server.authz import Identity, Policy
+from jobworker.server.policy import effective_timeout
+from jobworker.server.service import Settings
 from jobworker.spec import JobSpec
 from jobworker.store import spec_from_dict, spec_to_dict
 from jobworker.units import format_duration, parse_duration
@@ -95,3 +100,61 @@ def test_the_timeout_is_persisted_in_the_record() -> None:
     old = spec_to_dict(untimed)
     del old["timeout"]
     assert spec_from_dict(old) == untimed
+
+
+def test_effective_timeout() -> None:
+    assert effective_timeout(None, None, "x") is None
+    assert effective_timeout(5.0, None, "x") == 5.0
+    assert effective_timeout(None, 60.0, "x") == 60.0  # a job asking for none gets the cap
+    assert effective_timeout(60.0, 60.0, "x") == 60.0
+    assert effective_timeout(1.0, 60.0, "x") == 1.0
+    with pytest.raises(InvalidArgument) as e:
+        effective_timeout(3600.0, 600.0, "workerd --max-runtime")
+    assert str(e.value) == (
+        "timeout: 1h is above the maximum runtime of 10m (workerd --max-runtime); "
+        "ask for at most that"
+    )
+
+
+def test_policy_runtime_table(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text('[runtime]\nuser = "1h"\nviewer = 30\n')
+    policy = Policy.load(path)
+    assert policy.runtime_roles == {Role.USER: 3600.0, Role.VIEWER: 30.0}
+    path.write_text("[roles]\n")
+    assert Policy.load(path).runtime_roles == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('runtime = "1h"', r"\[runtime\] must be a table"),
+        ('[runtime]\nalice = "1h"', r"\[runtime\] 'alice' is not a role"),
+        ('[runtime]\nuser = "forever"', r"\[runtime\] user: 'forever' is not understood"),
+        ('[runtime]\nuser = "0s"', r"\[runtime\] user must be positive"),
+        ("[runtime]\nuser = [1]", r"\[runtime\] user: \[1\] is not a duration"),
+        ("[runtime]\nuser = true", r"\[runtime\] user: True is not a duration"),
+    ],
+)
+def test_policy_runtime_table_refuses(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(InvalidArgument, match=message) as e:
+        Policy.load(path)
+    assert str(e.value).startswith(f"policy file {path}: ")
+    assert "\n" not in str(e.value)
+
+
+def test_the_roles_runtime_replaces_the_daemons_for_that_role(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text('[runtime]\nuser = "2h"\n')
+    settings = Settings(Policy.load(path), max_runtime=600.0)
+    alice, root = Identity("alice", Role.USER), Identity("root", Role.ADMIN)
+    assert settings.timeout_for(alice, None) == 7200.0
+    assert settings.timeout_for(alice, 3600.0) == 3600.0  # above the daemon's, within the role's
+    with pytest.raises(InvalidArgument, match=r"3h is above the maximum runtime of 2h \(the pol"):
+        settings.timeout_for(alice, 3 * 3600.0)
+    assert settings.timeout_for(root, None) == 600.0
+    with pytest.raises(InvalidArgument, match=r"1h is above .* 10m \(workerd --max-runtime\)"):
+        settings.timeout_for(root, 3600.0)
+    assert Settings().timeout_for(root, None) is None
