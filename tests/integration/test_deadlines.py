@@ -22,6 +22,14 @@ from jobworker.server.daemon import Daemon, serve
 from jobworker.store import Store, spec_from_dict
 from tests.conftest import cgroup2_usable, new_threads
 from tests.integration import daemon_harness as harness
+from tests.integration.test_cli import (
+    WORKER,
+    Env,
+    invoke,
+    one_error_line,
+    subprocess_env,
+    worker_env,
+)
 
 pki_dir, daemon, connect = harness.pki_dir, harness.daemon, harness.connect
 Connect = harness.Connect
@@ -203,3 +211,48 @@ async def test_workerd_refuses_a_bad_max_runtime(
     assert proc.returncode == 1, err
     assert len(lines) == 1 and lines[0].startswith("workerd: --max-runtime"), err
     assert "30s, 10m, 1.5h" in lines[0]
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def env(daemon: Daemon, pki_dir: Path, tmp_path: Path) -> Env:
+    e = worker_env(daemon.port, pki_dir)
+    e["XDG_CONFIG_HOME"] = str(tmp_path / "xdg")
+    return e
+
+
+async def test_worker_run_timeout_exits_124_with_one_line(env: Env) -> None:
+    ran = await invoke(["run", "--timeout", "1s", "--", *DEAF], env)
+    assert ran.exit_code == 124, ran.stderr
+    line = one_error_line(ran)
+    assert "stopped: deadline exceeded (timeout 1s)" in line, line
+    assert "SIGKILL" in line
+
+
+async def test_worker_run_of_a_job_that_ends_in_time_exits_with_its_code(env: Env) -> None:
+    ran = await invoke(["run", "--timeout", "1h", "--", "sh", "-c", "exit 7"], env)
+    assert (ran.exit_code, ran.stderr) == (7, "")
+
+
+async def test_worker_start_timeout(env: Env, daemon: Daemon) -> None:
+    started = await invoke(["start", "--timeout", "1.5h", "--", "true"], env)
+    assert started.exit_code == 0, started.stderr
+    assert daemon.manager.spec(started.stdout.strip()).timeout == 5400
+    bad = await invoke(["start", "--timeout", "soon", "--", "true"], env)
+    assert bad.exit_code == 64
+    line = one_error_line(bad)
+    assert "--timeout" in line and "'soon' is not understood" in line and "1.5h" in line, line
+
+
+async def test_the_worker_script_exits_124(env: Env) -> None:
+    """The installed console script, as a user runs it: the exit status the shell sees."""
+    proc = await asyncio.create_subprocess_exec(
+        WORKER, "run", "--timeout", "1s", "--", *DEAF,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=subprocess_env(env),
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 124, err
+    assert out == b""
+    assert len(err.splitlines()) == 1 and b"deadline exceeded" in err, err
