@@ -35,6 +35,7 @@ from jobworker.server.debug import DebugServer, Metrics
 from jobworker.server.policy import effective_limits
 from jobworker.spec import JobState, Network
 from jobworker.tls import Paths, load_server
+from jobworker.units import parse_duration
 
 log = logging.getLogger("jobworker.server.daemon")
 
@@ -57,6 +58,9 @@ class Config:
     default_limits: Limits = field(default_factory=Limits)
     max_limits: Limits = field(default_factory=Limits)
     policy_file: Path | None = None
+    max_runtime: float | None = None
+    """Seconds a job may run at most, and the deadline of a job that asks for none; the
+    policy's ``[runtime]`` entry for a role replaces it for that role. ``None``: no cap."""
     job_account: str | None = None
     """Unix account (``user[:group]``) for every identity the policy does not map, instead of
     its own uid (``None``, the default: each identity gets a uid from ``uid_range``). A daemon
@@ -162,6 +166,8 @@ async def serve(config: Config) -> Daemon:
     defaults = resolve_limits(config.default_limits)
     caps = resolve_limits(config.max_limits)
     effective_limits(defaults, Limits(), caps)  # the defaults must respect the caps
+    if config.max_runtime is not None:
+        parse_duration(config.max_runtime, "max_runtime")  # positive and finite
     settings = service.Settings(
         policy,
         defaults,
@@ -169,6 +175,7 @@ async def serve(config: Config) -> Daemon:
         config.job_account,
         accounts=_accounts(config),
         default_network=config.default_network,
+        max_runtime=config.max_runtime,
         host_network_roles=(
             policy.host_network_roles
             if policy is not None and policy.host_network_roles is not None
@@ -350,6 +357,14 @@ def _env(name: str) -> str:
     "an identity's jobs run as.",
 )
 @click.option(
+    "--max-runtime",
+    envvar=_env("MAX_RUNTIME"),
+    metavar="DURATION",
+    help="Longest a job may run (e.g. 30s, 10m, 1.5h): a job asking for more is refused, one "
+    'asking for none gets it as its deadline. The policy\'s [runtime] ROLE = "DURATION" '
+    "replaces it for a role.  [default: no cap]",
+)
+@click.option(
     "--job-user",
     envvar=_env("JOB_USER"),
     help="Unix account (user[:group]) for the jobs of every identity the policy does not map, "
@@ -435,6 +450,7 @@ def main(
     cgroup_name: str,
     stop_grace: float,
     policy_file: Path | None,
+    max_runtime: str | None,
     job_user: str | None,
     uid_range: str,
     default_cpu: str | None,
@@ -477,6 +493,9 @@ def main(
             ),
             max_limits=_limits(max_cpu, max_cpu_weight, max_memory, max_io, max_pids),
             policy_file=policy_file,
+            max_runtime=(
+                None if max_runtime is None else parse_duration(max_runtime, "--max-runtime")
+            ),
             job_account=job_user,
             uid_range=UidRange.parse(uid_range),
             debug_socket=debug_socket,

@@ -45,7 +45,7 @@ from jobworker.server.authz import (
     visible,
 )
 from jobworker.server.debug import Metrics
-from jobworker.server.policy import effective_limits
+from jobworker.server.policy import effective_limits, effective_timeout
 from jobworker.spec import Credentials, JobSpec, JobState, JobStatus, Network, Sandbox
 from jobworker.tls import Material
 
@@ -94,6 +94,17 @@ class Settings:
     """The network of a sandboxed job that does not say."""
     host_network_roles: frozenset[Role] = frozenset(Role)
     """Roles whose jobs may use the host's network; the others must ask for ``none``."""
+    max_runtime: float | None = None
+    """Seconds a job may run at most (``--max-runtime``); a job asking for none gets it. The
+    policy's ``[runtime]`` entry for a role replaces it for that role."""
+
+    def timeout_for(self, identity: Identity, requested: float | None) -> float | None:
+        """The deadline of a job ``identity`` asks to run ``requested`` seconds: capped by its
+        role's ``[runtime]`` entry, else by :attr:`max_runtime`."""
+        role_cap = self.policy.runtime_roles.get(identity.role) if self.policy else None
+        if role_cap is not None:
+            return effective_timeout(requested, role_cap, f"the policy's [runtime] {identity.role}")
+        return effective_timeout(requested, self.max_runtime, "workerd --max-runtime")
 
     def sandbox_for(
         self, identity: Identity, network: Network | None, no_sandbox: bool
@@ -261,6 +272,11 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
             limits = effective_limits(
                 requested, self._settings.default_limits, self._settings.max_limits
             )
+            timeout = request.timeout_seconds if request.HasField("timeout_seconds") else None
+            if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+                raise InvalidArgument(
+                    f"timeout_seconds must be a positive number of seconds, got {timeout:g}"
+                )
             spec = JobSpec(
                 argv=tuple(request.argv),
                 env=dict(request.env),
@@ -270,6 +286,7 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
                 sandbox=self._settings.sandbox_for(
                     identity, convert.network_from_pb(request.network), request.no_sandbox
                 ),
+                timeout=self._settings.timeout_for(identity, timeout),
             )
             status = await self._mgr.start(spec, self._settings.credentials_for(identity))
             log.info("job %s started by %s: %s", status.id, printable(identity.name), _argv(spec))
