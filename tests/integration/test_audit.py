@@ -16,18 +16,16 @@ import pytest
 
 from jobworker.api.proto import pb, pb_grpc
 from jobworker.client import Client
-from jobworker.errors import PermissionDenied
+from jobworker.errors import JobNotFound, PermissionDenied
 from jobworker.server.daemon import Daemon
 from jobworker.server.logs import AUDIT_FIELDS, AUDIT_LOGGER
-from tests.integration.daemon_harness import (
-    Connect,
-    channel,
-    connect,  # noqa: F401 - fixture
-    daemon,  # noqa: F401 - fixture
-    forged_cert,
-    pki_dir,  # noqa: F401 - fixture
-    start_workerd,
-)
+from tests.integration import daemon_harness as harness
+
+pki_dir, daemon, connect = harness.pki_dir, harness.daemon, harness.connect
+Connect = harness.Connect
+channel = harness.channel
+forged_cert = harness.forged_cert
+start_workerd = harness.start_workerd
 
 assert service  # imported first for its TLS setting
 
@@ -89,8 +87,7 @@ async def test_audit_lines_in_process(
     # The text line carries the same fields as key=value, one line each.
     lines = [r.getMessage() for r in caplog.records if r.name == AUDIT_LOGGER]
     assert any(
-        "method=Stop code=PERMISSION_DENIED" in line and f"job={job.id}" in line
-        for line in lines
+        "method=Stop code=PERMISSION_DENIED" in line and f"job={job.id}" in line for line in lines
     ), lines
     assert all("\n" not in line for line in lines)
 
@@ -99,16 +96,14 @@ async def test_audit_escapes_the_job_id(
     daemon: Daemon, connect: Connect, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger=AUDIT_LOGGER)
-    with pytest.raises(Exception, match="not found|no job"):
+    with pytest.raises(JobNotFound):
         await connect("alice").status("evil\nmethod=Start code=OK")
     (line,) = [a for a in _audits(caplog) if a["method"] == "Status"]
     assert line["code"] == "NOT_FOUND"
     assert line["job"] == "evil\\nmethod=Start code=OK"
 
 
-async def test_audit_json_from_workerd(
-    tmp_path: Path, pki_dir: Path, cgroup_name: str
-) -> None:
+async def test_audit_json_from_workerd(tmp_path: Path, pki_dir: Path, cgroup_name: str) -> None:
     async with start_workerd(tmp_path, pki_dir, cgroup_name, "--log-format", "json") as w:
         alice = Client.from_pki(w.address, pki_dir, "alice")
         vera = Client.from_pki(w.address, pki_dir, "vera")

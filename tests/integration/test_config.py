@@ -119,8 +119,13 @@ def test_a_bool_and_an_int_option_through_the_file(tmp_path: Path) -> None:
     get their file values (and keep the precedence), on a command built the same way."""
 
     @click.command()
-    @click.option("--config", is_eager=True, expose_value=False, callback=config_file.callback,
-                  type=click.Path(path_type=Path))
+    @click.option(
+        "--config",
+        is_eager=True,
+        expose_value=False,
+        callback=config_file.callback,
+        type=click.Path(path_type=Path),
+    )
     @click.option("--print-config", is_flag=True)
     @click.option("--no-sandbox", is_flag=True, envvar="T_NO_SANDBOX")
     @click.option("--workers", type=int, default=1, envvar="T_WORKERS")

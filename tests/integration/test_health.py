@@ -13,21 +13,19 @@ import asyncio
 from pathlib import Path
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (  # type: ignore[import-not-found]
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
 from jobworker.server.daemon import Daemon
 from jobworker.spec import JobState
 from tests.conftest import wait_for
-from tests.integration.daemon_harness import (
-    Connect,
-    channel,
-    connect,  # noqa: F401 - fixture
-    daemon,  # noqa: F401 - fixture
-    forged_cert,
-    pki_dir,  # noqa: F401 - fixture
-)
+from tests.integration import daemon_harness as harness
+
+pki_dir, daemon, connect = harness.pki_dir, harness.daemon, harness.connect
+Connect = harness.Connect
+channel = harness.channel
+forged_cert = harness.forged_cert
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -76,9 +74,7 @@ async def test_not_serving_as_soon_as_shutdown_begins(
     """While close() waits out the grace of a job that ignores SIGTERM, Check answers
     NOT_SERVING and new JobWorker calls are UNAVAILABLE; then the server goes away."""
     alice = connect("alice")
-    job = await alice.start(
-        ["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.05; done"]
-    )
+    job = await alice.start(["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.05; done"])
     await wait_for(
         lambda: daemon.manager.status(job.id).output_bytes > 0, what="the job to trap TERM"
     )
@@ -114,8 +110,7 @@ async def test_reflection_lists_the_services(daemon: Daemon, pki_dir: Path) -> N
             db = ProtoReflectionDescriptorDatabase(sync)
             names = list(db.get_services())
             methods = [
-                m.name
-                for m in db.FindFileContainingSymbol(service.SERVICE).service[0].method
+                m.name for m in db.FindFileContainingSymbol(service.SERVICE).service[0].method
             ]
             return names, methods
 

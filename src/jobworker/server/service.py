@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.message import DecodeError, Message
-from grpc_health.v1 import _async as health_aio  # type: ignore[attr-defined]
+from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health as grpc_health
-from grpc_health.v1 import health_pb2
-from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jobworker.api import convert
@@ -41,6 +40,7 @@ from jobworker.errors import HostError, InvalidArgument, JobworkerError, Permiss
 from jobworker.identity import Role
 from jobworker.limits import Limits
 from jobworker.manager import JobManager
+from jobworker.server import logs
 from jobworker.server.accounts import Accounts, printable
 from jobworker.server.authz import (
     Action,
@@ -50,7 +50,6 @@ from jobworker.server.authz import (
     identity_from_auth_context,
     visible,
 )
-from jobworker.server import logs
 from jobworker.server.debug import Metrics
 from jobworker.server.policy import effective_limits
 from jobworker.spec import Credentials, JobSpec, JobState, JobStatus, Network, Sandbox
