@@ -28,7 +28,8 @@ from jobworker.errors import InvalidArgument, JobworkerError, LimitUnavailable
 from jobworker.identity import Role
 from jobworker.limits import Limits
 from jobworker.manager import DEFAULT_STOP_GRACE, JobManager
-from jobworker.server import service
+from jobworker.server import config as config_file
+from jobworker.server import logs, service
 from jobworker.server.accounts import DEFAULT_UID_RANGE, Accounts, IdentityUids, UidRange
 from jobworker.server.authz import Policy
 from jobworker.server.debug import DebugServer, Metrics
@@ -136,15 +137,15 @@ class Daemon:
         self._closed = asyncio.get_running_loop().create_future()
         try:
             log.info("shutting down")
-            # stop() refuses new RPCs at once, then waits for in-flight ones; the jobs must
-            # end meanwhile for follow streams and waits to finish on their own.
-            stopping = asyncio.create_task(
-                self._server.server.stop(self._stop_grace + RPC_DRAIN_SECONDS)
-            )
+            # First health NOT_SERVING (load balancers and probes see it while the jobs stop)
+            # and new JobWorker calls refused (UNAVAILABLE); in-flight calls go on: the jobs
+            # end, so follow streams and waits finish on their own, then the server stops,
+            # giving them a moment to send their last bytes.
+            await self._server.begin_shutdown()
             try:
                 await self.manager.close()
             finally:
-                await stopping
+                await self._server.server.stop(RPC_DRAIN_SECONDS)
                 if self._debug is not None:
                     await asyncio.to_thread(self._debug.close)
             log.info("stopped")
@@ -434,6 +435,29 @@ def _env(name: str) -> str:
     help="Network of a job that asks for none: the host's, or none (only loopback, its own).",
 )
 @click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=_env("CONFIG"),
+    is_eager=True,
+    expose_value=False,
+    callback=config_file.callback,
+    help="TOML file with any of these options as keys: the long name without dashes, e.g. "
+    'max-memory = "8G", default-io = ["/dev/sda=10M"]. Flags win over WORKERD_* variables, '
+    "which win over the file.",
+)
+@click.option(
+    "--print-config",
+    is_flag=True,
+    help="Print every setting with where it came from (flag, env, file, default), and exit.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(logs.FORMATS),
+    default="text",
+    envvar=_env("LOG_FORMAT"),
+    help="text, or json: one object per line (audit lines with their fields as keys).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -466,6 +490,8 @@ def main(
     debug_socket: Path | None,
     debug_addr: str | None,
     default_network: str,
+    print_config: bool,
+    log_format: str,
     log_level: str,
 ) -> None:
     """Serve jobworker over gRPC with mutual TLS 1.3.
@@ -473,9 +499,10 @@ def main(
     Needs root (or a delegated cgroup v2 subtree) to create cgroups. Every option can also be
     given in the environment as WORKERD_<OPTION>, e.g. WORKERD_LISTEN=127.0.0.1:50051.
     """
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    if print_config:
+        click.echo("\n".join(config_file.describe(click.get_current_context())))
+        return
+    logs.setup(log_level, log_format)
     if pki is None and not (ca and cert and key):
         raise click.UsageError("give --pki DIR, or all of --ca, --cert and --key")
     paths = Paths.from_pki(pki, "server") if pki else Paths(ca, cert, key)  # type: ignore[arg-type]
