@@ -29,10 +29,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bench import fanout, latency, memory, plot, profile, scale, start, throughput
+from bench import fanout, latency, memory, plot, profile, retention, scale, start, throughput
 from bench.common import ROOT, Settings, Workerd
 
-SECTIONS = ("latency", "throughput", "fanout", "memory", "start", "scale")
+SECTIONS = ("latency", "throughput", "fanout", "memory", "start", "scale", "retention")
+OWN_DAEMON = ("retention",)
+"""Sections that run a daemon of their own (with other options), after the shared one stops."""
 
 # (key, goal text, goal check, baseline key, label)
 GOALS: tuple[tuple[str, str, Callable[[float], bool] | None, str | None, str], ...] = (
@@ -95,6 +97,14 @@ GOALS: tuple[tuple[str, str, Callable[[float], bool] | None, str | None, str], .
     ("status_p99_ms_1000_jobs", "<= 10 ms", lambda v: v <= 10.0, None, "Status p99, N running"),
     ("list_p99_ms_1000_jobs", "<= 10 ms", lambda v: v <= 10.0, None, "List p99, N running"),
     ("churn_jobs_per_s", ">= 200/s", lambda v: v >= 200.0, None, "churn, jobs/s"),
+    (
+        retention.key(retention.FULL_JOBS),
+        "<= 2048 KiB",
+        lambda v: v <= 2048.0,
+        None,
+        "RSS growth, 100k churned jobs",
+    ),
+    (retention.key(retention.QUICK_JOBS), "", None, None, "RSS growth, 5k churned jobs"),
 )
 
 
@@ -174,6 +184,8 @@ async def main() -> int:
         try:
             profile_dir = os.environ.get("BENCH_PROFILE")
             for section in wanted:
+                if section in OWN_DAEMON:
+                    continue
                 t0 = time.monotonic()
                 sampler = None
                 if profile_dir:
@@ -202,6 +214,10 @@ async def main() -> int:
         finally:
             daemon.stop()
         log(f"workerd stopped (SIGTERM); {daemon.cgroup_parent} is gone")
+        if "retention" in wanted:
+            t0 = time.monotonic()
+            figures.update(await retention.run(settings, Path(tmp) / "retention", log))
+            figures["seconds_retention"] = round(time.monotonic() - t0, 1)
     plot_dir = os.environ.get("BENCH_PLOT_DIR") or ("" if settings.quick else str(ROOT / "docs"))
     if plot_dir:
         for path in plot.draw(Path(plot_dir), latency_samples, fanout_rows, figures):

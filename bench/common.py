@@ -195,7 +195,8 @@ class Workerd:
     """``workerd`` as a subprocess on 127.0.0.1 (port chosen by the daemon), with the debug
     endpoint on. Stop it with :meth:`stop` (SIGTERM), which checks its cgroup parent is gone."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *extra: str) -> None:
+        """``extra``: more ``workerd`` options (e.g. ``--retain-jobs 1000``)."""
         self.workdir = workdir
         self.pki = workdir / "pki"
         self.state = workdir / "state"
@@ -230,6 +231,7 @@ class Workerd:
                 "1",
                 "--debug-addr",
                 f"127.0.0.1:{self.debug_port}",
+                *extra,
             ],
             stdin=subprocess.DEVNULL,
             stdout=self._log,

@@ -13,7 +13,7 @@ import logging
 import os
 import resource
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -32,6 +32,7 @@ from jobworker.errors import (
 )
 from jobworker.output import PumpThread, make_pipe, read_output
 from jobworker.recovery import recover
+from jobworker.retention import Removal, Retention, RetentionIndex
 from jobworker.runtime import Job, SendSignal, kill_until_empty, run_stop
 from jobworker.spawn import SpawnerDied, describe_wait_status
 from jobworker.spawn.keeper import SpawnerKeeper
@@ -74,6 +75,9 @@ class JobManager:
         max_log_bytes: int | None,
         hidden_paths: tuple[str, ...] = (),
         job_nofile: int | None = None,
+        retention: Retention | None = None,
+        clock: Callable[[], datetime] = _now,
+        on_removed: Callable[[Removal], None] | None = None,
     ) -> None:
         if _token is not _OPEN:
             raise TypeError("use `await JobManager.open(...)` to create a JobManager")
@@ -99,6 +103,10 @@ class JobManager:
         self._starting: set[asyncio.Future[JobStatus]] = set()
         self._deadlines: dict[str, asyncio.TimerHandle] = {}
         """Job id -> the timer of its deadline (:attr:`JobSpec.timeout`), until the job ends."""
+        self._retention = RetentionIndex(retention) if retention is not None else None
+        self._clock = clock
+        self._on_removed = on_removed
+        self._sweeper: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -111,6 +119,9 @@ class JobManager:
         credentials: Credentials | None = None,
         max_log_bytes: int | None = None,
         hidden_paths: Sequence[Path] = (),
+        retention: Retention | None = None,
+        clock: Callable[[], datetime] = _now,
+        on_removed: Callable[[Removal], None] | None = None,
     ) -> JobManager:
         """Create the cgroup parent and state dir, start the spawner, recover old records.
 
@@ -123,6 +134,11 @@ class JobManager:
         with the reason in its status (default: no cap). ``hidden_paths``: files and
         directories masked in every sandboxed job (besides the state dir, always masked): an
         empty read-only tmpfs over a directory, ``/dev/null`` over a file.
+
+        ``retention``: which ended jobs are removed (record and log), when a job ends and on a
+        periodic sweep; see :mod:`jobworker.retention` (default: every job is kept).
+        ``clock``: the time that ages are measured against (tests pass one they move).
+        ``on_removed``: called with each :class:`~jobworker.retention.Removal` retention makes.
         """
         if max_log_bytes is not None and max_log_bytes <= 0:
             raise ValueError("max_log_bytes must be positive")
@@ -155,10 +171,18 @@ class JobManager:
                 max_log_bytes=max_log_bytes,
                 hidden_paths=_masked(state_dir, hidden_paths),
                 job_nofile=job_nofile,
+                retention=retention,
+                clock=clock,
+                on_removed=on_removed,
             )
             undo.callback(self._host_io.shutdown)
-            for spec, status in await recover(store, tree, watcher):
+            recovered = await recover(store, tree, watcher)
+            for spec, status in recovered:
                 self._jobs[status.id] = Job(spec, status)
+            if self._retention is not None:
+                for _, status in sorted(recovered, key=_end_time):
+                    self._retained(status, status.ended_at or status.started_at)
+                self._sweeper = asyncio.create_task(self._sweep(), name="retention sweep")
             undo.pop_all()
         return self
 
@@ -207,6 +231,8 @@ class JobManager:
         if not job.ended.is_set():
             raise JobRunning(f"job {job_id} is still running; stop it first")
         del self._jobs[job_id]
+        if self._retention is not None:
+            self._retention.discard(job_id)
         await self._store.remove_async(job_id)
 
     async def wait(self, job_id: str) -> JobStatus:
@@ -454,6 +480,44 @@ class JobManager:
                 deadline.cancel()
             job.ended.set()
             pump.finish()
+        if self._retention is not None:
+            self._retained(job.status, self._clock())
+            await self._apply_retention()
+
+    # -- retention -------------------------------------------------------------------------
+
+    def _retained(self, status: JobStatus, ended_at: datetime) -> None:
+        """Index an ended job; ``ended_at`` in the clock's time (ages are measured with it)."""
+        assert self._retention is not None
+        if status.state.ended and status.id in self._jobs:
+            self._retention.add(status.id, status.owner, ended_at, status.output_bytes)
+
+    async def _apply_retention(self) -> None:
+        """Remove the ended jobs past the retention limits, oldest first: O(1) per job
+        removed. Not while closing: the jobs stopped by the shutdown are kept for the next
+        manager (whose first sweep applies the limits)."""
+        if self._retention is None or self._closing:
+            return
+        for removal in self._retention.due(self._clock()):
+            if self._jobs.pop(removal.job_id, None) is None:
+                continue
+            log.debug("job %s: removed by retention (%s)", removal.job_id, removal.reason)
+            if self._on_removed is not None:
+                try:
+                    self._on_removed(removal)
+                except Exception:
+                    log.exception("the on_removed callback failed")
+            try:
+                await self._store.remove_async(removal.job_id)
+            except HostError as e:
+                log.error("job %s: not removed by retention: %s", removal.job_id, e)
+
+    async def _sweep(self) -> None:
+        """The periodic sweep (for jobs that age past ``max_age`` while none ends)."""
+        assert self._retention is not None
+        while True:
+            await self._apply_retention()
+            await asyncio.sleep(self._retention.policy.sweep_interval)
 
     # -- stop ------------------------------------------------------------------------------
 
@@ -500,6 +564,9 @@ class JobManager:
             await asyncio.gather(*(j.ended.wait() for j in self._jobs.values()))
             return
         self._closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
         # Starts under way finish first, so their jobs are among those stopped below.
         await asyncio.gather(*self._starting, return_exceptions=True)
         running = [j.id for j in self._jobs.values() if not j.ended.is_set()]
@@ -533,6 +600,11 @@ class _Prepared:
     pipe_r: int
     pipe_w: int
     procs_fd: int
+
+
+def _end_time(job: tuple[JobSpec, JobStatus]) -> datetime:
+    status = job[1]
+    return status.ended_at or status.started_at
 
 
 def _close_quietly(fd: int) -> None:

@@ -96,9 +96,9 @@ def format_size(n: int) -> str:
     return str(n)
 
 
-DURATION_FORM = "seconds, or a number with ms, s, m, h or d, e.g. 30s, 10m, 1.5h"
-_DURATION_RE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*", re.IGNORECASE)
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+DURATION_FORM = "seconds, or a number with ms, s, m, h, d or w, e.g. 30s, 10m, 1.5h, 7d"
+_DURATION_RE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d|w)?\s*", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def parse_duration(text: str | float, field: str = "timeout") -> float:

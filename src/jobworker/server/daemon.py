@@ -16,9 +16,11 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import click
 
@@ -28,6 +30,7 @@ from jobworker.errors import InvalidArgument, JobworkerError, LimitUnavailable
 from jobworker.identity import Role
 from jobworker.limits import Limits
 from jobworker.manager import DEFAULT_STOP_GRACE, JobManager
+from jobworker.retention import DEFAULT_SWEEP_INTERVAL, Retention
 from jobworker.server import config as config_file
 from jobworker.server import logs, service
 from jobworker.server.accounts import DEFAULT_UID_RANGE, Accounts, IdentityUids, UidRange
@@ -36,12 +39,20 @@ from jobworker.server.debug import DebugServer, Metrics
 from jobworker.server.policy import effective_limits
 from jobworker.spec import JobState, Network
 from jobworker.tls import Paths, load_server
-from jobworker.units import parse_duration
+from jobworker.units import parse_duration, parse_size
 
 log = logging.getLogger("jobworker.server.daemon")
+T = TypeVar("T")
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_STATE_DIR = Path("/var/lib/jobworker")
+DEFAULT_RETAIN_FOR = "7d"
+DEFAULT_RETAIN_JOBS = 10_000
+DEFAULT_MAX_LOG_BYTES = "1G"
+"""A job's output cap: far below a typical disk's free space, so one job cannot fill it,
+and far above what a job's log is normally read for."""
+DEFAULT_MAX_LOG_BYTES_PER_USER = "10G"
+OFF = "off"
 RPC_DRAIN_SECONDS = 5.0
 """After the jobs have stopped, how long in-flight RPCs (a Logs stream sending its last bytes)
 may run before they are cancelled."""
@@ -56,6 +67,22 @@ class Config:
     """The delegated cgroup to work in; default: the daemon's own."""
     cgroup_name: str = "jobworker"
     stop_grace: float = DEFAULT_STOP_GRACE
+    retain_for: timedelta | None = field(
+        default_factory=lambda: timedelta(seconds=parse_duration(DEFAULT_RETAIN_FOR))
+    )
+    """Ended jobs older than this are removed (record and log); ``None``: no age limit."""
+    retain_jobs: int | None = DEFAULT_RETAIN_JOBS
+    """At most this many ended jobs are kept, the oldest removed first; ``None``: no limit."""
+    max_log_bytes: int | None = field(default_factory=lambda: parse_size(DEFAULT_MAX_LOG_BYTES))
+    """A job whose output goes past this is stopped, the reason in its status."""
+    max_log_bytes_per_user: int | None = field(
+        default_factory=lambda: parse_size(DEFAULT_MAX_LOG_BYTES_PER_USER)
+    )
+    """The logs of one identity's ended jobs keep at most this many bytes (oldest removed)."""
+    retention_sweep: float = DEFAULT_SWEEP_INTERVAL
+    """Seconds between sweeps for jobs past ``retain_for``."""
+    clock: Callable[[], datetime] | None = None
+    """What ages are measured against (default: the wall clock; tests pass one they move)."""
     default_limits: Limits = field(default_factory=Limits)
     max_limits: Limits = field(default_factory=Limits)
     policy_file: Path | None = None
@@ -196,6 +223,15 @@ async def serve(config: Config) -> Daemon:
             cgroup_name=config.cgroup_name,
             stop_grace=config.stop_grace,
             hidden_paths=_secrets(config),
+            max_log_bytes=config.max_log_bytes,
+            retention=Retention(
+                max_age=config.retain_for,
+                max_jobs=config.retain_jobs,
+                max_log_bytes_per_owner=config.max_log_bytes_per_user,
+                sweep_interval=config.retention_sweep,
+            ),
+            clock=config.clock or _wall_clock,
+            on_removed=metrics.job_removed,
         )
         undo.push_async_callback(manager.close)
         # Both are applied to jobs (a cap is also the limit of a job that asks for nothing):
@@ -237,6 +273,10 @@ async def serve(config: Config) -> Daemon:
     daemon = Daemon(manager, server, debug, metrics, config.stop_grace)
     log.info("listening on %s (port %d)", config.listen, server.port)
     return daemon
+
+
+def _wall_clock() -> datetime:
+    return datetime.now(UTC)
 
 
 def _accounts(config: Config) -> Accounts:
@@ -288,6 +328,20 @@ def _limits(
     cpu: str | None, weight: str | None, memory: str | None, io: Sequence[str], pids: str | None
 ) -> Limits:
     return Limits.parse(cpu=cpu, cpu_weight=weight, memory=memory, io=io, pids=pids)
+
+
+def _off(text: str, parse: Callable[[str], T]) -> T | None:
+    """``parse(text)``, or ``None`` for ``off`` (no limit)."""
+    return None if text.strip().lower() == OFF else parse(text)
+
+
+def _retain_jobs(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise InvalidArgument(
+            f"--retain-jobs: {text!r} is not a whole number of jobs from 1 up; use e.g. 10000, "
+            "or off for no limit"
+        )
+    return int(text)
 
 
 def _env(name: str) -> str:
@@ -347,6 +401,34 @@ def _env(name: str) -> str:
     default=DEFAULT_STOP_GRACE,
     envvar=_env("STOP_GRACE"),
     help="Seconds between SIGTERM and SIGKILL when stopping a job.",
+)
+@click.option(
+    "--retain-for",
+    default=DEFAULT_RETAIN_FOR,
+    envvar=_env("RETAIN_FOR"),
+    metavar="DURATION",
+    help="Ended jobs older than this are removed, record and log (30s, 10m, 12h, 7d; off).",
+)
+@click.option(
+    "--retain-jobs",
+    default=str(DEFAULT_RETAIN_JOBS),
+    envvar=_env("RETAIN_JOBS"),
+    metavar="N",
+    help="Most ended jobs kept; past it the oldest are removed (off: no limit).",
+)
+@click.option(
+    "--max-log-bytes",
+    default=DEFAULT_MAX_LOG_BYTES,
+    envvar=_env("MAX_LOG_BYTES"),
+    metavar="SIZE",
+    help="A job whose output goes past this is stopped, with the reason (e.g. 512M; off).",
+)
+@click.option(
+    "--max-log-bytes-per-user",
+    default=DEFAULT_MAX_LOG_BYTES_PER_USER,
+    envvar=_env("MAX_LOG_BYTES_PER_USER"),
+    metavar="SIZE",
+    help="Most log bytes one identity's ended jobs keep; past it its oldest are removed (off).",
 )
 @click.option(
     "--policy",
@@ -473,6 +555,10 @@ def main(
     cgroup_root: Path | None,
     cgroup_name: str,
     stop_grace: float,
+    retain_for: str,
+    retain_jobs: str,
+    max_log_bytes: str,
+    max_log_bytes_per_user: str,
     policy_file: Path | None,
     max_runtime: str | None,
     job_user: str | None,
@@ -515,6 +601,14 @@ def main(
             cgroup_root=cgroup_root,
             cgroup_name=cgroup_name,
             stop_grace=stop_grace,
+            retain_for=_off(
+                retain_for, lambda v: timedelta(seconds=parse_duration(v, "--retain-for"))
+            ),
+            retain_jobs=_off(retain_jobs, _retain_jobs),
+            max_log_bytes=_off(max_log_bytes, lambda v: parse_size(v, "--max-log-bytes")),
+            max_log_bytes_per_user=_off(
+                max_log_bytes_per_user, lambda v: parse_size(v, "--max-log-bytes-per-user")
+            ),
             default_limits=_limits(
                 default_cpu, default_cpu_weight, default_memory, default_io, default_pids
             ),

@@ -81,6 +81,7 @@ from prometheus_client.registry import Collector
 
 from jobworker.errors import HostError, InvalidArgument, Unauthenticated
 from jobworker.identity import Role
+from jobworker.retention import REASONS, Removal
 from jobworker.server.authz import Policy, identity_from_certificate
 from jobworker.spec import JobState
 from jobworker.tls import Material
@@ -149,6 +150,17 @@ class Metrics:
             "Output bytes sent to Logs clients.",
             registry=self.registry,
         )
+        self.jobs_removed = Counter(
+            "jobworker_jobs_removed",
+            "Ended jobs removed by retention (record and log), by the limit that removed them.",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in REASONS:
+            self.jobs_removed.labels(reason)
+
+    def job_removed(self, removal: Removal) -> None:
+        self.jobs_removed.labels(removal.reason).inc()
 
     def observe_jobs(self, states: Callable[[], Iterable[JobState]]) -> None:
         """Report jobs by state, read with ``states()`` at each scrape (from the HTTP thread)."""
