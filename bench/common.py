@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -274,8 +275,11 @@ class Workerd:
         return sum(1 for p in self.cgroup_parent.iterdir() if p.is_dir())
 
     def debug(self, path: str, timeout: float = 30.0) -> str:
-        url = f"http://127.0.0.1:{self.debug_port}{path}"
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        # The debug endpoint over TCP is HTTPS for admin certificates only (USER is an admin).
+        ctx = ssl.create_default_context(cafile=str(self.pki / "ca.pem"))
+        ctx.load_cert_chain(self.pki / f"{USER}.pem", self.pki / f"{USER}-key.pem")
+        url = f"https://127.0.0.1:{self.debug_port}{path}"
+        with urllib.request.urlopen(url, timeout=timeout, context=ctx) as response:
             body: bytes = response.read()
             return body.decode()
 

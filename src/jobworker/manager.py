@@ -36,8 +36,9 @@ from jobworker.runtime import Job, SendSignal, kill_until_empty, run_stop
 from jobworker.spawn import SpawnerDied, describe_wait_status
 from jobworker.spawn.keeper import SpawnerKeeper
 from jobworker.spawn.lookup import resolve_command
-from jobworker.spec import Credentials, JobSpec, JobState, JobStatus, Usage
+from jobworker.spec import DEADLINE_REASON, Credentials, JobSpec, JobState, JobStatus, Usage
 from jobworker.store import Store
+from jobworker.units import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class JobManager:
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._starting: set[asyncio.Future[JobStatus]] = set()
+        self._deadlines: dict[str, asyncio.TimerHandle] = {}
+        """Job id -> the timer of its deadline (:attr:`JobSpec.timeout`), until the job ends."""
 
     @classmethod
     async def open(
@@ -287,6 +290,10 @@ class JobManager:
         )
         self._jobs[job_id] = job
         job.task = asyncio.create_task(self._supervise(job, spawned.exit_status))
+        if spec.timeout is not None:
+            self._deadlines[job_id] = asyncio.get_running_loop().call_later(
+                spec.timeout, self._on_deadline, job
+            )
         try:
             await self._store.save_async(spec, status, new=True)
         except HostError:
@@ -361,6 +368,15 @@ class JobManager:
         if not job.ended.is_set():
             self._begin_stop(job, None, reason)
 
+    def _on_deadline(self, job: Job) -> None:
+        self._deadlines.pop(job.id, None)
+        if job.ended.is_set():  # pragma: no cover - the timer is cancelled when the job ends
+            return
+        assert job.spec.timeout is not None
+        reason = f"stopped: {DEADLINE_REASON} (timeout {format_duration(job.spec.timeout)})"
+        log.info("job %s: %s", job.id, reason)
+        self._begin_stop(job, None, reason)
+
     # -- the end of a job ------------------------------------------------------------------
 
     async def _supervise(self, job: Job, exit_status: asyncio.Future[int]) -> None:
@@ -433,6 +449,9 @@ class JobManager:
         except Exception:
             log.exception("job %s: final record not written", job.id)
         finally:
+            deadline = self._deadlines.pop(job.id, None)
+            if deadline is not None:
+                deadline.cancel()
             job.ended.set()
             pump.finish()
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ that is as long or longer, since the limit counts its terminating NUL."""
 MAX_ARGV_ENV_BYTES = 1024 * 1024
 """Our cap on argv + env together (the kernel allows about a quarter of the stack rlimit)."""
 MAX_OWNER_BYTES = 256
+DEADLINE_REASON = "deadline exceeded"
+"""In the stop reason of a job stopped by its deadline (:attr:`JobSpec.timeout`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +97,9 @@ class JobSpec:
     sandbox: Sandbox | None = None
     """``None``: the job shares the host's namespaces (the library's default; the daemon
     sandboxes every job unless an admin asks otherwise)."""
+    timeout: float | None = None
+    """Seconds the job may run: at the deadline it is stopped (SIGTERM, the grace, SIGKILL) with
+    :data:`DEADLINE_REASON` in its stop reason. ``None``: no deadline."""
 
     def __post_init__(self) -> None:
         if isinstance(self.argv, str | bytes) or not self.argv:
@@ -129,6 +135,16 @@ class JobSpec:
         if not self.cwd.startswith("/"):
             raise InvalidArgument(f"cwd must be an absolute path, got {self.cwd!r}")
         _check_text("owner", self.owner, MAX_OWNER_BYTES)
+        if self.timeout is not None:
+            if isinstance(self.timeout, bool) or not isinstance(self.timeout, int | float):
+                raise InvalidArgument(
+                    f"timeout must be a number of seconds, got {type(self.timeout).__name__}"
+                )
+            if not (math.isfinite(self.timeout) and self.timeout > 0):
+                raise InvalidArgument(
+                    f"timeout must be a positive, finite number of seconds, got {self.timeout!r}"
+                )
+            object.__setattr__(self, "timeout", float(self.timeout))
 
     def full_env(self) -> dict[str, str]:
         """The environment the job really gets."""

@@ -263,6 +263,7 @@ def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
         "owner": spec.owner,
         "limits": _limits_to_dict(spec.limits),
         "sandbox": None if spec.sandbox is None else {"network": spec.sandbox.network.value},
+        "timeout": spec.timeout,
     }
 
 
@@ -274,6 +275,7 @@ def spec_from_dict(raw: dict[str, Any]) -> JobSpec:
         owner=raw["owner"],
         limits=_limits_from_dict(raw["limits"]),
         sandbox=None if raw.get("sandbox") is None else Sandbox(Network(raw["sandbox"]["network"])),
+        timeout=raw.get("timeout"),
     )
 
 

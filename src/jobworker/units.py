@@ -7,6 +7,7 @@ the same), as systemd and cgroupfs users expect. Errors are
 
 from __future__ import annotations
 
+import math
 import re
 from decimal import Decimal, InvalidOperation
 
@@ -93,3 +94,34 @@ def format_size(n: int) -> str:
         if n >= UNITS[unit] and n % UNITS[unit] == 0:
             return f"{n // UNITS[unit]}{unit}"
     return str(n)
+
+
+DURATION_FORM = "seconds, or a number with ms, s, m, h or d, e.g. 30s, 10m, 1.5h"
+_DURATION_RE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str | float, field: str = "timeout") -> float:
+    """Seconds: ``"30s"``, ``"10m"``, ``"1.5h"``, ``"500ms"``, ``"90"`` or ``90``. Must be
+    positive and finite."""
+    if isinstance(text, bool):
+        raise InvalidArgument(f"{field}: {text!r} is not a duration; use {DURATION_FORM}")
+    if isinstance(text, int | float):
+        value = float(text)
+    else:
+        m = _DURATION_RE.fullmatch(str(text))
+        if m is None:
+            raise InvalidArgument(f"{field}: {text!r} is not understood; use {DURATION_FORM}")
+        value = float(m.group(1)) * _DURATION_UNITS[(m.group(2) or "s").lower()]
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidArgument(f"{field} must be positive, got {text!r}; use {DURATION_FORM}")
+    return value
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact form: 30 -> ``"30s"``, 5400 -> ``"90m"``, 3600 -> ``"1h"``, 0.5 ->
+    ``"0.5s"``."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size:g}{unit}"
+    return f"{seconds:g}s"

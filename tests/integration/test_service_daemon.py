@@ -10,6 +10,7 @@ import asyncio
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -197,10 +198,14 @@ async def test_the_debug_endpoint_logs_its_address(
     tmp_path: Path, pki_dir: Path, cgroup_name: str
 ) -> None:
     async with start_workerd(tmp_path, pki_dir, cgroup_name, "--debug-addr", "127.0.0.1:0") as w:
-        m = re.search(r"debug endpoint on http://127\.0\.0\.1:(\d+)/ ", w.log.read_text())
+        m = re.search(r"debug endpoint on https://127\.0\.0\.1:(\d+)/ ", w.log.read_text())
         assert m, w.log.read_text()
-        url = f"http://127.0.0.1:{m[1]}/metrics"
-        with await asyncio.to_thread(urllib.request.urlopen, url, timeout=10) as answer:
+        ctx = ssl.create_default_context(cafile=str(pki_dir / "ca.pem"))
+        ctx.load_cert_chain(pki_dir / "root.pem", pki_dir / "root-key.pem")
+        url = f"https://127.0.0.1:{m[1]}/metrics"
+        with await asyncio.to_thread(
+            urllib.request.urlopen, url, timeout=10, context=ctx
+        ) as answer:
             assert b"jobworker_jobs" in answer.read()
 
 

@@ -452,9 +452,10 @@ async def test_offset_past_the_end_of_an_ended_job(connect: Connect) -> None:
 
 
 async def test_spawn_error_is_invalid_argument(connect: Connect) -> None:
-    with pytest.raises(InvalidArgument, match="command not found") as e:
+    """INVALID_ARGUMENT on the wire; the error trailer gives the client back the very class."""
+    with pytest.raises(SpawnError, match="command not found") as e:
         await connect("alice").start(["/no/such/binary"])
-    assert not isinstance(e.value, SpawnError)  # the code carries the category, not the class
+    assert isinstance(e.value, InvalidArgument)
 
 
 async def test_request_too_large_is_resource_exhausted(connect: Connect) -> None:

@@ -314,7 +314,9 @@ async def test_io_write_limit_throttles_direct_writes(
     )
     assert st.usage.io_write_bytes >= 8 * MiB
     # 8 MiB at 2 MiB/s is 4 s; the kernel lets a short burst through before throttling.
-    assert 3.0 <= took <= 7.0, f"8 MiB at 2 MiB/s took {took:.2f}s"
+    # A lower bound only: the cap makes it at least this slow; how much slower a loaded
+    # TCG guest is says nothing about the cap.
+    assert took >= 3.0, f"8 MiB at 2 MiB/s took {took:.2f}s: not throttled"
 
 
 async def test_io_read_limit_throttles_direct_reads(
@@ -336,7 +338,9 @@ async def test_io_read_limit_throttles_direct_reads(
     )
     assert st.usage.io_read_bytes >= 8 * MiB
     # 8 MiB at 2 MiB/s is 4 s; the kernel lets a short burst through before throttling.
-    assert 3.0 <= took <= 7.0, f"8 MiB at 2 MiB/s took {took:.2f}s"
+    # A lower bound only: the cap makes it at least this slow; how much slower a loaded
+    # TCG guest is says nothing about the cap.
+    assert took >= 3.0, f"8 MiB at 2 MiB/s took {took:.2f}s: not throttled"
 
 
 IOPS_OPS = 200
@@ -378,7 +382,7 @@ async def test_io_read_iops_limit_throttles_small_direct_reads(
     # Each 4 KiB O_DIRECT read is one request (a few more would be the kernel's own).
     assert IOPS_OPS <= rios <= IOPS_OPS + 10, stat
     # 200 operations at 50/s is 4 s.
-    assert 3.0 <= took <= 7.0, f"{IOPS_OPS} reads at 50 IOPS took {took:.2f}s"
+    assert took >= 3.0, f"{IOPS_OPS} reads at 50 IOPS took {took:.2f}s: not throttled"
 
 
 async def test_io_write_iops_limit_throttles_small_direct_writes(
@@ -403,7 +407,7 @@ async def test_io_write_iops_limit_throttles_small_direct_writes(
         f"dd took {took:.2f} s, io.stat wios={wios} wbytes={stat.get('wbytes', 0)}"
     )
     assert IOPS_OPS <= wios <= IOPS_OPS + 10, stat
-    assert 3.0 <= took <= 7.0, f"{IOPS_OPS} writes at 50 IOPS took {took:.2f}s"
+    assert took >= 3.0, f"{IOPS_OPS} writes at 50 IOPS took {took:.2f}s: not throttled"
 
 
 FORK_BOMB = """

@@ -120,11 +120,14 @@ class Client:
         limits: Limits | None = None,
         network: Network | None = None,
         sandbox: bool = True,
+        timeout: float | None = None,
     ) -> JobStatus:
         """Start a job owned by this client's identity; returns its first status.
 
         ``network``: the job's network in its sandbox (``None``: the daemon's default).
         ``sandbox=False`` runs it in the host's namespaces, which only admins may ask for.
+        ``timeout``: seconds the job may run; at the deadline the daemon stops it with
+        "deadline exceeded" in its reason (``None``: the daemon's maximum runtime, if any).
         """
         request = pb.StartRequest(
             argv=list(argv),
@@ -133,6 +136,7 @@ class Client:
             limits=convert.limits_to_pb(limits or Limits()),
             network=convert.network_to_pb(network),
             no_sandbox=not sandbox,
+            timeout_seconds=timeout,
         )
         try:
             response = await self._stub.Start(request, timeout=self._timeout)

@@ -26,6 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from jobworker.errors import InvalidArgument, JobNotFound, PermissionDenied, Unauthenticated
 from jobworker.identity import RESERVED_NAMES, Role, is_reserved
+from jobworker.units import DURATION_FORM, parse_duration
 
 
 class Action(enum.StrEnum):
@@ -110,7 +111,7 @@ def visible(identity: Identity, owner: str) -> bool:
     return decide(identity, Action.LIST, owner) is not Decision.HIDE
 
 
-_POLICY_TABLES: Final = {"roles", "run_as", "network"}
+_POLICY_TABLES: Final = {"roles", "run_as", "network", "runtime"}
 _RUN_AS_TABLES: Final = {"roles", "identities"}
 
 
@@ -126,6 +127,9 @@ class Policy:
     host_network_roles: frozenset[Role] | None = None
     """``[network] host = [...]``: the roles whose jobs may use the host's network (``None``:
     the daemon's setting, by default every role)."""
+    runtime_roles: Mapping[Role, float] = field(default_factory=dict)
+    """``[runtime] ROLE = "1h"``: the maximum runtime of the role's jobs in seconds, instead of
+    the daemon's ``--max-runtime``."""
 
     def account_for(self, identity: Identity) -> str | None:
         """The identity's own entry, else its role's, else ``None`` (the daemon decides)."""
@@ -153,6 +157,9 @@ class Policy:
             [network]             # the roles whose jobs may use the host's network; the
             host = ["admin"]      # others must start them with --network none
 
+            [runtime]             # role -> the longest its jobs may run (and the deadline of
+            user = "1h"           # those that ask for none), instead of --max-runtime
+
         The old flat ``[run_as]`` table, which mixed identities and roles, is refused with a
         message saying how to rewrite it. Raises :class:`InvalidArgument` naming the file and
         entry when it is malformed, and ``OSError`` when it cannot be read.
@@ -168,7 +175,8 @@ class Policy:
         unknown = sorted(set(data) - _POLICY_TABLES)
         if unknown:
             raise bad(
-                f"unknown entry {unknown[0]!r}; the tables are [roles], [run_as.*] and [network]"
+                f"unknown entry {unknown[0]!r}; the tables are [roles], [run_as.*], [network] and "
+                "[runtime]"
             )
         table = data.get("roles", {})
         if not isinstance(table, dict):
@@ -208,7 +216,20 @@ class Policy:
             if not isinstance(listed, list) or any(r not in set(Role) for r in listed):
                 raise bad(f"[network] host must list roles ({', '.join(Role)}), got {listed!r}")
             host_roles = frozenset(Role(r) for r in listed)
-        return cls(roles, by_role, by_name, host_roles)
+        runtime = data.get("runtime", {})
+        if not isinstance(runtime, dict):
+            raise bad('[runtime] must be a table of ROLE = "DURATION"')
+        runtimes: dict[Role, float] = {}
+        for role, value in runtime.items():
+            if role not in set(Role):
+                raise bad(f"[runtime] {role!r} is not a role ({', '.join(Role)})")
+            if not isinstance(value, str | int | float):
+                raise bad(f"[runtime] {role}: {value!r} is not a duration; use {DURATION_FORM}")
+            try:
+                runtimes[Role(role)] = parse_duration(value, f"[runtime] {role}")
+            except InvalidArgument as e:
+                raise bad(str(e)) from None
+        return cls(roles, by_role, by_name, host_roles, runtime_roles=runtimes)
 
 
 def _reserved_text(name: str) -> str:

@@ -34,13 +34,15 @@ from jobworker.errors import InvalidArgument, JobworkerError, LimitUnavailable
 from jobworker.identity import Role
 from jobworker.limits import Limits
 from jobworker.manager import DEFAULT_STOP_GRACE, JobManager
-from jobworker.server import service
+from jobworker.server import config as config_file
+from jobworker.server import logs, service
 from jobworker.server.accounts import DEFAULT_UID_RANGE, Accounts, IdentityUids, UidRange
 from jobworker.server.authz import Policy, Revocations
 from jobworker.server.debug import DebugServer, Metrics
 from jobworker.server.policy import effective_limits
 from jobworker.spec import JobState, Network
 from jobworker.tls import Material, Paths, load_server
+from jobworker.units import parse_duration
 
 log = logging.getLogger("jobworker.server.daemon")
 
@@ -66,6 +68,9 @@ class Config:
     default_limits: Limits = field(default_factory=Limits)
     max_limits: Limits = field(default_factory=Limits)
     policy_file: Path | None = None
+    max_runtime: float | None = None
+    """Seconds a job may run at most, and the deadline of a job that asks for none; the
+    policy's ``[runtime]`` entry for a role replaces it for that role. ``None``: no cap."""
     job_account: str | None = None
     """Unix account (``user[:group]``) for every identity the policy does not map, instead of
     its own uid (``None``, the default: each identity gets a uid from ``uid_range``). A daemon
@@ -218,15 +223,15 @@ class Daemon:
         self._closed = asyncio.get_running_loop().create_future()
         try:
             log.info("shutting down")
-            # stop() refuses new RPCs at once, then waits for in-flight ones; the jobs must
-            # end meanwhile for follow streams and waits to finish on their own.
-            stopping = asyncio.create_task(
-                self._server.server.stop(self._stop_grace + RPC_DRAIN_SECONDS)
-            )
+            # First health NOT_SERVING (load balancers and probes see it while the jobs stop)
+            # and new JobWorker calls refused (UNAVAILABLE); in-flight calls go on: the jobs
+            # end, so follow streams and waits finish on their own, then the server stops,
+            # giving them a moment to send their last bytes.
+            await self._server.begin_shutdown()
             try:
                 await self.manager.close()
             finally:
-                await stopping
+                await self._server.server.stop(RPC_DRAIN_SECONDS)
                 if self._debug is not None:
                     await asyncio.to_thread(self._debug.close)
             log.info("stopped")
@@ -249,6 +254,8 @@ async def serve(config: Config) -> Daemon:
     defaults = resolve_limits(config.default_limits)
     caps = resolve_limits(config.max_limits)
     effective_limits(defaults, Limits(), caps)  # the defaults must respect the caps
+    if config.max_runtime is not None:
+        parse_duration(config.max_runtime, "max_runtime")  # positive and finite
     settings = service.Settings(
         policy,
         defaults,
@@ -256,6 +263,7 @@ async def serve(config: Config) -> Daemon:
         config.job_account,
         accounts=_accounts(config),
         default_network=config.default_network,
+        max_runtime=config.max_runtime,
         host_network_roles=(
             policy.host_network_roles
             if policy is not None and policy.host_network_roles is not None
@@ -457,6 +465,14 @@ def _env(name: str) -> str:
     "an identity's jobs run as.",
 )
 @click.option(
+    "--max-runtime",
+    envvar=_env("MAX_RUNTIME"),
+    metavar="DURATION",
+    help="Longest a job may run (e.g. 30s, 10m, 1.5h): a job asking for more is refused, one "
+    'asking for none gets it as its deadline. The policy\'s [runtime] ROLE = "DURATION" '
+    "replaces it for a role.  [default: no cap]",
+)
+@click.option(
     "--job-user",
     envvar=_env("JOB_USER"),
     help="Unix account (user[:group]) for the jobs of every identity the policy does not map, "
@@ -526,6 +542,29 @@ def _env(name: str) -> str:
     help="Network of a job that asks for none: the host's, or none (only loopback, its own).",
 )
 @click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=_env("CONFIG"),
+    is_eager=True,
+    expose_value=False,
+    callback=config_file.callback,
+    help="TOML file with any of these options as keys: the long name without dashes, e.g. "
+    'max-memory = "8G", default-io = ["/dev/sda=10M"]. Flags win over WORKERD_* variables, '
+    "which win over the file.",
+)
+@click.option(
+    "--print-config",
+    is_flag=True,
+    help="Print every setting with where it came from (flag, env, file, default), and exit.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(logs.FORMATS),
+    default="text",
+    envvar=_env("LOG_FORMAT"),
+    help="text, or json: one object per line (audit lines with their fields as keys).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -543,6 +582,7 @@ def main(
     cgroup_name: str,
     stop_grace: float,
     policy_file: Path | None,
+    max_runtime: str | None,
     job_user: str | None,
     uid_range: str,
     default_cpu: str | None,
@@ -558,6 +598,8 @@ def main(
     debug_socket: Path | None,
     debug_addr: str | None,
     default_network: str,
+    print_config: bool,
+    log_format: str,
     log_level: str,
 ) -> None:
     """Serve jobworker over gRPC with mutual TLS 1.3.
@@ -565,9 +607,10 @@ def main(
     Needs root (or a delegated cgroup v2 subtree) to create cgroups. Every option can also be
     given in the environment as WORKERD_<OPTION>, e.g. WORKERD_LISTEN=127.0.0.1:50051.
     """
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    if print_config:
+        click.echo("\n".join(config_file.describe(click.get_current_context())))
+        return
+    logs.setup(log_level, log_format)
     if pki is None and not (ca and cert and key):
         raise click.UsageError("give --pki DIR, or all of --ca, --cert and --key")
     paths = Paths.from_pki(pki, "server") if pki else Paths(ca, cert, key)  # type: ignore[arg-type]
@@ -586,6 +629,9 @@ def main(
             ),
             max_limits=_limits(max_cpu, max_cpu_weight, max_memory, max_io, max_pids),
             policy_file=policy_file,
+            max_runtime=(
+                None if max_runtime is None else parse_duration(max_runtime, "--max-runtime")
+            ),
             job_account=job_user,
             uid_range=UidRange.parse(uid_range),
             debug_socket=debug_socket,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from jobworker.errors import InvalidArgument
 from jobworker.limits import Limits
-from jobworker.units import format_size
+from jobworker.units import format_duration, format_size
 
 
 def check_caps(limits: Limits, caps: Limits) -> None:
@@ -60,3 +60,19 @@ def effective_limits(requested: Limits, defaults: Limits, caps: Limits) -> Limit
     limits = requested.with_defaults(defaults).with_defaults(caps)
     check_caps(limits, caps)
     return limits
+
+
+def effective_timeout(requested: float | None, cap: float | None, where: str) -> float | None:
+    """A job's deadline: its request, or the cap when it asks for none. Raises
+    :class:`InvalidArgument` naming the cap (and ``where`` it comes from) when the request is
+    above it."""
+    if cap is None:
+        return requested
+    if requested is None:
+        return cap
+    if requested > cap:
+        raise InvalidArgument(
+            f"timeout: {format_duration(requested)} is above the maximum runtime of "
+            f"{format_duration(cap)} ({where}); ask for at most that"
+        )
+    return requested

@@ -23,10 +23,15 @@ import math
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from jobworker.api import convert
 from jobworker.api.errors import ERROR_TRAILER, code_for, name_for
@@ -36,6 +41,7 @@ from jobworker.errors import HostError, InvalidArgument, JobworkerError, Permiss
 from jobworker.identity import Role
 from jobworker.limits import Limits
 from jobworker.manager import JobManager
+from jobworker.server import logs
 from jobworker.server.accounts import Accounts, printable
 from jobworker.server.authz import (
     Action,
@@ -49,7 +55,7 @@ from jobworker.server.authz import (
     visible,
 )
 from jobworker.server.debug import Metrics
-from jobworker.server.policy import effective_limits
+from jobworker.server.policy import effective_limits, effective_timeout
 from jobworker.spec import Credentials, JobSpec, JobState, JobStatus, Network, Sandbox
 from jobworker.tls import Material
 
@@ -98,6 +104,17 @@ class Settings:
     """The network of a sandboxed job that does not say."""
     host_network_roles: frozenset[Role] = frozenset(Role)
     """Roles whose jobs may use the host's network; the others must ask for ``none``."""
+    max_runtime: float | None = None
+    """Seconds a job may run at most (``--max-runtime``); a job asking for none gets it. The
+    policy's ``[runtime]`` entry for a role replaces it for that role."""
+
+    def timeout_for(self, identity: Identity, requested: float | None) -> float | None:
+        """The deadline of a job ``identity`` asks to run ``requested`` seconds: capped by its
+        role's ``[runtime]`` entry, else by :attr:`max_runtime`."""
+        role_cap = self.policy.runtime_roles.get(identity.role) if self.policy else None
+        if role_cap is not None:
+            return effective_timeout(requested, role_cap, f"the policy's [runtime] {identity.role}")
+        return effective_timeout(requested, self.max_runtime, "workerd --max-runtime")
 
     def sandbox_for(
         self, identity: Identity, network: Network | None, no_sandbox: bool
@@ -149,6 +166,24 @@ def _argv(spec: JobSpec) -> str:
     if len(text) <= MAX_LOGGED_ARGV:
         return text
     return f"{text[:MAX_LOGGED_ARGV]}... ({len(spec.argv)} arguments, cut)"
+
+
+@dataclass(slots=True)
+class _Call:
+    """What the audit line of the RPC under way needs to learn from its handler."""
+
+    job: str = "-"
+
+
+_CALL: ContextVar[_Call | None] = ContextVar("jobworker_rpc_call", default=None)
+"""The record of the RPC the current task serves (grpc runs each call in a task of its own)."""
+
+
+def _note_job(job_id: str) -> None:
+    """Name the job of the RPC under way in its audit line."""
+    call = _CALL.get()
+    if call is not None:
+        call.job = printable(job_id) if job_id else "-"
 
 
 def _details(message: str) -> str:
@@ -228,11 +263,16 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
     async def _rpc(
         self, method: str, context: aio.ServicerContext[object, object]
     ) -> AsyncIterator[Identity]:
-        """Authenticate, time and translate errors for one call."""
+        """Authenticate, time and translate errors for one call, and leave its audit line
+        (:func:`jobworker.server.logs.audit`): handlers name their job with :func:`_note_job`
+        (:meth:`_job` does)."""
         started = time.monotonic()
         in_flight = self._metrics.in_flight.labels(method)
         in_flight.inc()
         recorded = False
+        call = _Call()
+        _CALL.set(call)
+        who: Identity | None = None
 
         def done(code: grpc.StatusCode) -> None:
             # Before abort(), which sends the status: a caller that then reads /metrics must
@@ -241,10 +281,21 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
             if not recorded:
                 recorded = True
                 in_flight.dec()
-                self._metrics.rpc(method, code.name, time.monotonic() - started)
+                elapsed = time.monotonic() - started
+                self._metrics.rpc(method, code.name, elapsed)
+                logs.audit(
+                    method=method,
+                    code=code.name,
+                    peer=printable(context.peer() or "-"),
+                    identity=printable(who.name) if who else "-",
+                    role=str(who.role) if who else "-",
+                    job=call.job,
+                    duration=elapsed,
+                )
 
         try:
-            yield self._identity(context)
+            who = self._identity(context)
+            yield who
         except JobworkerError as e:
             code = grpc.StatusCode[code_for(e)]
             if isinstance(e, HostError):
@@ -275,6 +326,7 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
     def _job(self, identity: Identity, action: Action, job_id: str) -> None:
         """Returns if ``identity`` may do ``action`` on the job; raises otherwise. Looks only at
         the owner: Status is the one call that pays for reading live usage."""
+        _note_job(job_id)
         authorize(identity, action, job_id, self._mgr.spec(_check_id(job_id)).owner)
 
     async def Start(
@@ -290,6 +342,11 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
             limits = effective_limits(
                 requested, self._settings.default_limits, self._settings.max_limits
             )
+            timeout = request.timeout_seconds if request.HasField("timeout_seconds") else None
+            if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+                raise InvalidArgument(
+                    f"timeout_seconds must be a positive number of seconds, got {timeout:g}"
+                )
             spec = JobSpec(
                 argv=tuple(request.argv),
                 env=dict(request.env),
@@ -299,8 +356,10 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
                 sandbox=self._settings.sandbox_for(
                     identity, convert.network_from_pb(request.network), request.no_sandbox
                 ),
+                timeout=self._settings.timeout_for(identity, timeout),
             )
             status = await self._mgr.start(spec, self._settings.credentials_for(identity))
+            _note_job(status.id)
             log.info("job %s started by %s: %s", status.id, printable(identity.name), _argv(spec))
             return pb.StartResponse(id=status.id, status=convert.status_to_pb(status))
         raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
@@ -519,26 +578,43 @@ class ServerCertificates:
         return configuration
 
 
-@dataclass(slots=True)
-class RunningServer:
-    server: aio.Server
-    port: int
-    certificates: ServerCertificates | None = None
-    """Replace the served certificate (SIGHUP); ``None`` for a server made elsewhere."""
-
-
 NOT_READY = "the daemon is not serving yet (it is checking its own TLS settings); retry"
+CLOSING = "the daemon is shutting down; retry once it is back (or against another one)"
+HEALTH_SERVICE = grpc_health.SERVICE_NAME
+"""``grpc.health.v1.Health``: answers for the whole server (``""``) and for :data:`SERVICE`."""
 
 
 class _Gate:
     """Closed until the TLS 1.2 self-probe has passed: grpc.aio accepts connections as soon as
     the server starts, and the probe needs the port listening, so every RPC that arrives before
-    the probe is answered UNAVAILABLE without reaching the service."""
+    the probe is answered UNAVAILABLE without reaching the service. Closed again when shutdown
+    begins (``closing``): the health service goes on answering NOT_SERVING while the jobs stop,
+    new JobWorker calls are answered UNAVAILABLE (:data:`CLOSING`)."""
 
-    __slots__ = ("open",)
+    __slots__ = ("closing", "open")
 
     def __init__(self) -> None:
         self.open = False
+        self.closing = False
+
+
+@dataclass(slots=True)
+class RunningServer:
+    server: aio.Server
+    port: int
+    health: Any = None
+    """The ``grpc.health.v1.Health`` servicer (grpc_health's asyncio one, untyped)."""
+    gate: _Gate = field(default_factory=_Gate)
+    certificates: ServerCertificates | None = None
+    """Replace the served certificate (SIGHUP); ``None`` for a server made elsewhere."""
+
+    async def begin_shutdown(self) -> None:
+        """Health NOT_SERVING for good, and new JobWorker calls UNAVAILABLE; in-flight calls
+        go on. The listener stays open until :meth:`aio.Server.stop`."""
+        self.gate.open = False
+        self.gate.closing = True
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
 
 
 def _gated(
@@ -547,7 +623,9 @@ def _gated(
     def guard(behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def handler(request: object, context: Context) -> Any:
             if not gate.open:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, NOT_READY)
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, CLOSING if gate.closing else NOT_READY
+                )
             return await behavior(request, context)
 
         return handler
@@ -571,7 +649,10 @@ async def start_server(
     :mod:`jobworker.server.tls13`, if the listening port turns out to accept a TLS 1.2
     handshake after all, or if that self-probe cannot be made (fail closed). Until the probe
     has passed, every RPC is answered UNAVAILABLE (:data:`NOT_READY`) without reaching
-    ``service``.
+    ``service``, and the health service says NOT_SERVING.
+
+    Also served, behind the same mutual TLS, for any role: ``grpc.health.v1.Health``
+    (:data:`HEALTH_SERVICE`) and server reflection (``grpc.reflection.v1alpha``).
     """
     if not tls13.TLS13_ONLY:
         raise HostError(
@@ -584,6 +665,11 @@ async def start_server(
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     # As the generated code does (grpc finds registered methods faster); not in the stubs.
     server.add_registered_method_handlers(SERVICE, handlers)  # type: ignore[attr-defined]
+    health = health_aio.HealthServicer()
+    for name in (grpc_health.OVERALL_HEALTH, SERVICE):
+        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection((SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
     certificates = ServerCertificates(material)
     credentials = grpc.dynamic_ssl_server_credentials(
         certificates.initial, certificates.fetch, require_client_authentication=True
@@ -599,7 +685,9 @@ async def start_server(
         await server.stop(None)
         raise
     gate.open = True
-    return RunningServer(server, port, certificates)
+    for name in (grpc_health.OVERALL_HEALTH, SERVICE):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, port, health, gate, certificates)
 
 
 async def _probe(address: str, port: int) -> None:

@@ -56,6 +56,9 @@ class Exit(enum.IntEnum):
     CONFIG = 78
     """Local configuration: certificate or key missing, unreadable or invalid; no user picked;
     certs init would overwrite files."""
+    TIMEOUT = 124
+    """run: the job was stopped by its deadline (--timeout, or the daemon's maximum runtime),
+    as timeout(1) exits."""
     INTERRUPTED = 130
     """Ctrl+C while waiting or following (for run: the second Ctrl+C, which detaches)."""
     STDOUT_CLOSED = 141
@@ -76,6 +79,7 @@ Exit codes:
   {Exit.RESOURCE_EXHAUSTED}    the host has no room right now (out of processes or memory)
   {Exit.PERMISSION}    permission denied (your role forbids it)
   {Exit.CONFIG}    local configuration: certificates missing/invalid, no user
+  {Exit.TIMEOUT}   run: the job was stopped by its deadline (--timeout), as timeout(1)
   {Exit.INTERRUPTED}   interrupted by Ctrl+C (run: detached by a second Ctrl+C)
   {Exit.STDOUT_CLOSED}   stdout closed by the reader (e.g. | head); quiet
 """

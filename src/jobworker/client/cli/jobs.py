@@ -21,7 +21,8 @@ from jobworker.client.cli.session import Session, follow_output, remote, wait_fo
 from jobworker.client.cli.settings import settings_of
 from jobworker.errors import InvalidArgument, JobworkerError
 from jobworker.limits import Limits
-from jobworker.spec import JobState, JobStatus, Network
+from jobworker.spec import DEADLINE_REASON, JobState, JobStatus, Network
+from jobworker.units import DURATION_FORM, parse_duration
 
 
 def _collect_io(
@@ -83,18 +84,28 @@ def _env(items: Sequence[str]) -> dict[str, str]:
 
 
 def _placement(options: dict[str, Any]) -> dict[str, Any]:
-    """``network`` and ``sandbox`` for :meth:`Client.start` from --network and --no-sandbox."""
+    """``network``, ``sandbox`` and ``timeout`` for :meth:`Client.start` from --network,
+    --no-sandbox and --timeout."""
     network, no_sandbox = options.pop("network"), options.pop("no_sandbox")
     if no_sandbox and network is not None:
         raise click.UsageError("--network applies to the sandbox; it cannot go with --no-sandbox")
-    return {"network": None if network is None else Network(network), "sandbox": not no_sandbox}
+    timeout = options.pop("timeout")
+    try:
+        seconds = None if timeout is None else parse_duration(timeout, "--timeout")
+    except InvalidArgument as e:
+        raise click.BadParameter(str(e).removeprefix("--timeout: "), param_hint="--timeout") from e
+    return {
+        "network": None if network is None else Network(network),
+        "sandbox": not no_sandbox,
+        "timeout": seconds,
+    }
 
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def job_options(f: F) -> F:
-    """LIMITS, --env, --cwd, --network and --no-sandbox, shared by start and run."""
+    """LIMITS, --env, --cwd, --network, --no-sandbox and --timeout, shared by start and run."""
     decorators = [
         click.option("--cpu", metavar="CORES", help="CPU bandwidth in cores, e.g. 0.5 or 2."),
         click.option(
@@ -140,6 +151,12 @@ def job_options(f: F) -> F:
             "--no-sandbox",
             is_flag=True,
             help="Run in the host's namespaces (admins only; for host-wide tools like ps).",
+        ),
+        click.option(
+            "--timeout",
+            metavar="DURATION",
+            help="Stop the job when it has run this long (SIGTERM, then SIGKILL after the "
+            f"daemon's grace): {DURATION_FORM}.  [default: the daemon's maximum runtime]",
         ),
         click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARGS]..."),
     ]
@@ -193,6 +210,7 @@ def run(
     Ctrl+C stops the job (SIGTERM, then SIGKILL after the daemon's grace period) and keeps
     streaming until it has ended; a second Ctrl+C detaches at once. When the reader of stdout
     goes away (`worker run -- seq 1000000 | head`) the job is stopped too, as SIGPIPE would.
+    A job stopped by its deadline (--timeout) exits 124, as timeout(1) does.
 
     \b
       worker run --cpu 0.5 -- python3 -c 'print(sum(range(10**7)))'
@@ -225,6 +243,8 @@ def run(
     final = remote(settings, body)
     if final.state is JobState.STOPPED or final.oom_killed:
         warn(f"job {final.id} {outcome(final)}")
+    if final.state is JobState.STOPPED and final.reason.startswith(f"stopped: {DEADLINE_REASON}"):
+        raise CommandExit(Exit.TIMEOUT)
     finish(final)
 
 
