@@ -236,3 +236,16 @@ def test_a_directory_of_another_user_is_refused(tmp_path: Path) -> None:
     with pytest.raises(PkiError, match="belongs to uid 65534, not to you"):
         init_pki(directory, [("bob", "user")])
     assert list(directory.iterdir()) == []
+
+
+def test_leaf_certificates_last_90_days_and_the_ca_ten_years(tmp_path: Path) -> None:
+    pki = init_pki(tmp_path / "pki", [("bob", "user")], now=NOW)
+    lifetimes = {
+        stem: load(pair.cert).not_valid_after_utc - NOW
+        for stem, pair in (("ca", pki.ca), ("server", pki.server), ("bob", pki.users["bob"]))
+    }
+    assert lifetimes == {
+        "ca": timedelta(days=3650),
+        "server": timedelta(days=90),
+        "bob": timedelta(days=90),
+    }

@@ -5,6 +5,12 @@ Layout of a PKI directory::
     ca.pem, ca-key.pem            the certificate authority (keep ca-key.pem offline in production)
     server.pem, server-key.pem    the daemon (serverAuth; SANs localhost, 127.0.0.1, ::1 + names)
     NAME.pem, NAME-key.pem        one per user (clientAuth; CN=NAME, OU=ROLE)
+    crl.pem                       the revoked certificates (``worker certs revoke``), CA-signed
+
+Leaf certificates (server and users) are valid for :data:`LEAF_DAYS` (90) days: renew them
+with ``worker certs renew NAME`` (:func:`renew`; a new key and serial, the same name and role).
+A certificate is withdrawn before it expires with ``worker certs revoke NAME`` (:func:`revoke`),
+which adds its serial to ``crl.pem``; workerd reads that at start and on SIGHUP.
 
 All keys are ECDSA P-256: grpcio's BoringSSL does not accept Ed25519 certificates, and the TLS
 setup in :mod:`jobworker.server.tls13` relies on the server key being ECDSA. Keys are written 0600.
@@ -37,7 +43,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from jobworker.identity import RESERVED_NAMES, Role
 
 CA_DAYS = 3650
-LEAF_DAYS = 825
+LEAF_DAYS = 90
+"""Server and user certificates: short-lived, so a lost key is useful for weeks, not years
+(renew with :func:`renew`). The CA lives :data:`CA_DAYS`."""
+CRL_DAYS = 30
+"""A CRL's nextUpdate: when relying parties should expect a fresher one (see :func:`revoke`)."""
+CRL_FILE = "crl.pem"
 CLOCK_SKEW = timedelta(minutes=5)
 """Certificates are valid from slightly before ``now``, for peers whose clocks lag."""
 
@@ -387,3 +398,163 @@ def init_pki(
         for name, role in checked
     }
     return Pki(directory, ca, server, written)
+
+
+def _load_cert(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError:
+        raise PkiError(f"{path} does not exist: no certificate of that name here") from None
+    except ValueError as e:
+        raise PkiError(f"{path} is not a PEM certificate: {e}") from e
+
+
+def _check_stem(name: str) -> str:
+    """A certificate's stem in the directory: a user name, or ``server``."""
+    return name if name == "server" else _check_name(name)
+
+
+def _replace(path: Path, data: bytes, mode: int) -> None:
+    """Replace ``path`` atomically: a new file next to it (never through a link), renamed over
+    it (a symbolic link at ``path`` is replaced, its target untouched)."""
+    tmp = path.with_name(f".{path.name}.new")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    _create(tmp, data, mode)
+    os.replace(tmp, path)
+
+
+def read_crl(directory: Path, ca_cert: x509.Certificate) -> x509.CertificateRevocationList | None:
+    """``crl.pem`` of a PKI directory (``None`` when there is none), checked to be the CA's."""
+    path = directory / CRL_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        crl = x509.load_pem_x509_crl(data)
+    except ValueError as e:
+        raise PkiError(f"{path} is not a PEM CRL: {e}") from e
+    public = ca_cert.public_key()
+    if crl.issuer != ca_cert.subject or not (
+        isinstance(public, ec.EllipticCurvePublicKey) and crl.is_signature_valid(public)
+    ):
+        raise PkiError(f"{path} is not signed by this directory's CA; move it away to start over")
+    return crl
+
+
+@dataclass(frozen=True, slots=True)
+class Revoked:
+    """What :func:`revoke` did."""
+
+    crl: Path
+    serial: int
+    already: bool
+    """The serial was already on the list (the CRL is re-signed anyway, with a new date)."""
+    count: int
+    next_update: datetime
+
+
+def revoke(
+    directory: Path, name: str, *, now: datetime | None = None, days: int = CRL_DAYS
+) -> Revoked:
+    """Add the serial of ``NAME.pem`` to ``crl.pem`` (made when missing), keeping the serials
+    revoked before; the CRL is signed by the CA, valid from ``now`` to ``now + days``, and
+    carries an increasing CRL number.
+
+    Raises :class:`PkiError` when the name is invalid, ``NAME.pem`` is missing or not issued by
+    this CA, the existing ``crl.pem`` is not this CA's, or the directory is not safe.
+    """
+    now = now or datetime.now(UTC)
+    stem = _check_stem(name)
+    check_directory(directory)
+    ca_cert, ca_key = load_ca(directory)
+    cert = _load_cert(directory / f"{stem}.pem")
+    if cert.issuer != ca_cert.subject:
+        raise PkiError(f"{directory / f'{stem}.pem'} was not issued by {directory / 'ca.pem'}")
+    old = read_crl(directory, ca_cert)
+    entries = list(old) if old is not None else []
+    number = 0
+    if old is not None:
+        with contextlib.suppress(x509.ExtensionNotFound):
+            number = old.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    already = any(e.serial_number == cert.serial_number for e in entries)
+    if not already:
+        entries.append(
+            x509.RevokedCertificateBuilder()
+            .serial_number(cert.serial_number)
+            .revocation_date(now)
+            .build()
+        )
+    next_update = now + timedelta(days=days)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - CLOCK_SKEW)
+        .next_update(next_update)
+        .add_extension(x509.CRLNumber(number + 1), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+    )
+    for entry in entries:
+        builder = builder.add_revoked_certificate(entry)
+    crl = builder.sign(ca_key, hashes.SHA256())
+    path = directory / CRL_FILE
+    _replace(path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    return Revoked(path, cert.serial_number, already, len(entries), next_update)
+
+
+def renew(
+    directory: Path, name: str, *, now: datetime | None = None, days: int = LEAF_DAYS
+) -> CertPair:
+    """Re-issue ``NAME.pem``/``NAME-key.pem``: a new key and serial, valid from ``now`` for
+    ``days``, with the same name and role (for ``server``: the same DNS names and IPs). Both
+    files are replaced atomically, the key first. The old certificate stays valid until it
+    expires unless it was revoked (revoke before renewing: revoke reads the serial from the
+    current ``NAME.pem``).
+
+    Raises :class:`PkiError` when the name is invalid, the certificate is missing, not issued
+    by this CA or has no single role, or the directory is not safe.
+    """
+    now = now or datetime.now(UTC)
+    stem = _check_stem(name)
+    check_directory(directory)
+    ca_cert, ca_key = load_ca(directory)
+    path = directory / f"{stem}.pem"
+    old = _load_cert(path)
+    if old.issuer != ca_cert.subject:
+        raise PkiError(f"{path} was not issued by {directory / 'ca.pem'}")
+    if stem == "server":
+        try:
+            san = old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            san = x509.SubjectAlternativeName([])
+        names = [str(v) for v in san.get_values_for_type(x509.DNSName)]
+        names += [str(v) for v in san.get_values_for_type(x509.IPAddress)]
+        cert, key = issue_server(ca_cert, ca_key, names, now=now, days=days)
+    else:
+        common = [str(a.value) for a in old.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        if common != [stem]:
+            raise PkiError(f"{path} is not {stem!r}'s certificate (its common name: {common})")
+        units = {
+            str(a.value)
+            for a in old.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+        }
+        roles = sorted(units & set(Role))
+        if len(roles) != 1:
+            raise PkiError(f"{path} names no single role ({', '.join(Role)}) to keep")
+        cert, key = issue_client(ca_cert, ca_key, stem, roles[0], now=now, days=days)
+    pair = CertPair(path, directory / f"{stem}-key.pem")
+    _replace(
+        pair.key,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        0o600,
+    )
+    _replace(pair.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return pair

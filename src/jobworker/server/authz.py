@@ -16,10 +16,12 @@ import enum
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Final
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from jobworker.errors import InvalidArgument, JobNotFound, PermissionDenied, Unauthenticated
@@ -318,3 +320,86 @@ def identity_from_auth_context(
     if len(certs) != 1:
         raise Unauthenticated("no verified client certificate")
     return identity_from_certificate(certs[0], policy)
+
+
+RevocationKey = tuple[bytes, int]
+"""What a CRL names a certificate by: its issuer (DER) and serial number."""
+
+
+def revocation_key(pem: bytes) -> RevocationKey:
+    """The issuer and serial of a (verified) certificate. Raises :class:`Unauthenticated` for
+    an unreadable one."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError as e:
+        raise Unauthenticated(f"unreadable peer certificate: {e}") from e
+    return cert.issuer.public_bytes(), cert.serial_number
+
+
+@dataclass(frozen=True, slots=True)
+class Revocations:
+    """The certificates the daemon refuses although they verify: the serials of an X.509 CRL
+    (``worker certs revoke`` writes one) signed by one of the daemon's CA certificates.
+
+    grpc's TLS layer cannot check a CRL it could reload, so the service checks every call
+    against the current value (:meth:`check`); reloading replaces it."""
+
+    revoked: frozenset[RevocationKey] = frozenset()
+    path: Path | None = None
+    next_update: datetime | None = None
+    """The CRL's nextUpdate: after it the list is stale (still applied; the daemon warns)."""
+
+    @classmethod
+    def load(cls, path: Path, ca_pem: bytes) -> Revocations:
+        """Read a PEM (or DER) CRL and check it is signed by a certificate in ``ca_pem``.
+
+        Raises :class:`InvalidArgument` naming the file when it is unreadable, not a CRL, or
+        not signed by the CA (a CRL anyone could write would let them lock users out, or
+        hide a revocation by replacing it)."""
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise InvalidArgument(f"cannot read the CRL {path}: {e.strerror}") from e
+        try:
+            crl = (
+                x509.load_pem_x509_crl(data)
+                if data.lstrip().startswith(b"-----")
+                else x509.load_der_x509_crl(data)
+            )
+        except ValueError as e:
+            raise InvalidArgument(f"{path} is not a CRL (PEM or DER): {e}") from e
+        try:
+            cas = x509.load_pem_x509_certificates(ca_pem)
+        except ValueError as e:
+            raise InvalidArgument(f"the CA certificate is not PEM: {e}") from e
+        if not any(ca.subject == crl.issuer and _signed_by(crl, ca) for ca in cas):
+            raise InvalidArgument(
+                f"the CRL {path} is not signed by the daemon's CA (issuer "
+                f"{crl.issuer.rfc4514_string()!r}); make it with `worker certs revoke` in the "
+                "CA's directory"
+            )
+        issuer = crl.issuer.public_bytes()
+        return cls(
+            frozenset((issuer, entry.serial_number) for entry in crl),
+            path,
+            crl.next_update_utc,
+        )
+
+    def stale(self, now: datetime) -> bool:
+        """Whether the CRL is past its nextUpdate."""
+        return self.next_update is not None and now > self.next_update
+
+    def check(self, key: RevocationKey, name: str) -> None:
+        """Raise :class:`Unauthenticated` ("certificate revoked") if ``key`` is on the list."""
+        if key in self.revoked:
+            raise Unauthenticated(
+                f"certificate revoked: {name}'s certificate (serial {key[1]:#x}) is on the "
+                "daemon's revocation list; ask an admin for a new one (worker certs renew)"
+            )
+
+
+def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    public = ca.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        return False
+    return crl.is_signature_valid(public)

@@ -5,6 +5,11 @@ in-process; :func:`main` is the command line around it. Shutdown (SIGTERM/SIGINT
 :meth:`Daemon.close`): stop accepting RPCs, stop the running jobs (so their followers' streams
 and waits end cleanly with the final bytes and status), give in-flight RPCs a moment to finish,
 remove the cgroups. Logs and records stay in the state directory for the next start.
+
+Reload (SIGHUP, or :meth:`Daemon.reload`) re-reads the CRL, the policy file and the server
+certificate, key and CA, and applies them all or (when one is bad) none; running jobs, streams
+and connections stay. Everything else (listen address, state dir, cgroups, limits, job account,
+uid range, network defaults, the debug endpoint) is read once, at start.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
@@ -34,11 +39,11 @@ from jobworker.retention import DEFAULT_SWEEP_INTERVAL, Retention
 from jobworker.server import config as config_file
 from jobworker.server import logs, service
 from jobworker.server.accounts import DEFAULT_UID_RANGE, Accounts, IdentityUids, UidRange
-from jobworker.server.authz import Policy
+from jobworker.server.authz import Policy, Revocations
 from jobworker.server.debug import DebugServer, Metrics
 from jobworker.server.policy import effective_limits
 from jobworker.spec import JobState, Network
-from jobworker.tls import Paths, load_server
+from jobworker.tls import Material, Paths, load_server
 from jobworker.units import parse_duration, parse_size
 
 log = logging.getLogger("jobworker.server.daemon")
@@ -61,6 +66,9 @@ may run before they are cancelled."""
 @dataclass(frozen=True, slots=True)
 class Config:
     tls: Paths
+    crl: Path | None = None
+    """X.509 CRL of revoked client certificates, signed by the CA; ``None``: ``crl.pem`` next
+    to the server certificate, whenever it exists (at start and at each reload)."""
     listen: str = DEFAULT_LISTEN
     state_dir: Path = DEFAULT_STATE_DIR
     cgroup_root: Path | None = None
@@ -119,6 +127,41 @@ def _secrets(config: Config) -> list[Path]:
     return paths
 
 
+def _crl_path(config: Config) -> Path | None:
+    if config.crl is not None:
+        return config.crl
+    default = config.tls.cert.parent / "crl.pem"
+    return default if default.exists() else None
+
+
+def _revocations(config: Config, material: Material) -> Revocations:
+    """The CRL of ``config`` (none: nothing revoked). Raises :class:`InvalidArgument`."""
+    path = _crl_path(config)
+    if path is None:
+        return Revocations()
+    revocations = Revocations.load(path, material.ca)
+    log.info("revocation list %s: %d revoked certificate(s)", path, len(revocations.revoked))
+    if revocations.stale(datetime.now(UTC)):
+        log.warning(
+            "revocation list %s is past its next update (%s): still applied; write a fresh one "
+            "(worker certs revoke re-signs it) and send SIGHUP",
+            path,
+            revocations.next_update,
+        )
+    return revocations
+
+
+def _policy(config: Config) -> Policy | None:
+    if config.policy_file is None:
+        return None
+    try:
+        return Policy.load(config.policy_file)
+    except OSError as e:
+        raise InvalidArgument(
+            f"cannot read the policy file {config.policy_file}: {e.strerror}"
+        ) from e
+
+
 class Daemon:
     """A running daemon; get one from :func:`serve`."""
 
@@ -129,7 +172,12 @@ class Daemon:
         debug: DebugServer | None,
         metrics: Metrics,
         stop_grace: float,
+        *,
+        config: Config | None = None,
+        servicer: service.JobWorkerService | None = None,
     ) -> None:
+        self._config = config
+        self._servicer = servicer
         self.manager = manager
         self.metrics = metrics
         self._stop_grace = stop_grace
@@ -154,6 +202,43 @@ class Daemon:
     @property
     def debug_socket(self) -> Path | None:
         return self._debug.socket_path if self._debug else None
+
+    def reload(self) -> None:
+        """Re-read the CRL, the policy file and the server certificate, key and CA (SIGHUP).
+
+        All are read and checked before any is applied: on an error nothing changes and
+        :class:`InvalidArgument` says which file is wrong. Then the next RPC is checked against
+        the new CRL and policy, on every connection, open ones too, and the next TLS handshake
+        gets the new certificate. Running jobs, Logs streams and Waits are not touched; nothing
+        else in :class:`Config` is re-read (see the module docstring).
+        """
+        config, servicer = self._config, self._servicer
+        if config is None or servicer is None or self._server.certificates is None:
+            raise InvalidArgument("this daemon was not started by serve(): nothing to reload")
+        material = load_server(config.tls)
+        revocations = _revocations(config, material)
+        policy = _policy(config)
+        for account in sorted(policy.accounts() if policy else set()):
+            servicer.settings.accounts.credentials(account)
+        settings = replace(
+            servicer.settings,
+            policy=policy,
+            host_network_roles=(
+                policy.host_network_roles
+                if policy is not None and policy.host_network_roles is not None
+                else config.host_network_roles
+            ),
+        )
+        changed = self._server.certificates.replace(material)
+        servicer.reconfigure(settings, revocations)
+        log.info(
+            "reloaded: certificate %s (%s), policy %s, revocation list %s (%d revoked)",
+            config.tls.cert,
+            "new, for new connections" if changed else "unchanged",
+            config.policy_file or "none",
+            revocations.path or "none",
+            len(revocations.revoked),
+        )
 
     async def close(self) -> None:
         """Graceful shutdown; see the module docstring. Idempotent, and safe to call from
@@ -190,6 +275,7 @@ async def serve(config: Config) -> Daemon:
     the host refuses (cgroups, state dir, the listen address). Nothing is left running on error.
     """
     material = load_server(config.tls)
+    revocations = _revocations(config, material)
     policy = Policy.load(config.policy_file) if config.policy_file else None
     defaults = resolve_limits(config.default_limits)
     caps = resolve_limits(config.max_limits)
@@ -267,10 +353,12 @@ async def serve(config: Config) -> Daemon:
                     "debug/stacks, debug/profile, debug/heap)",
                     endpoint.url,
                 )
-        servicer = service.JobWorkerService(manager, settings, metrics)
+        servicer = service.JobWorkerService(manager, settings, metrics, revocations)
         server = await service.start_server(servicer, material, config.listen)
         undo.pop_all()
-    daemon = Daemon(manager, server, debug, metrics, config.stop_grace)
+    daemon = Daemon(
+        manager, server, debug, metrics, config.stop_grace, config=config, servicer=servicer
+    )
     log.info("listening on %s (port %d)", config.listen, server.port)
     return daemon
 
@@ -306,17 +394,27 @@ def _accounts(config: Config) -> Accounts:
     return Accounts(uids)
 
 
+def _reload(daemon: Daemon) -> None:
+    """SIGHUP: reload; a bad file is logged and the daemon goes on as it was."""
+    log.info("SIGHUP: reloading the revocation list, the policy and the server certificate")
+    try:
+        daemon.reload()
+    except (JobworkerError, OSError) as e:
+        log.error("reload failed, nothing changed: %s", e)
+
+
 async def run(config: Config) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    """Serve until SIGTERM or SIGINT, then shut down gracefully; reload on SIGHUP."""
     daemon = await serve(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, daemon)
     try:
         await stop.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await daemon.close()
 
@@ -375,6 +473,14 @@ def _env(name: str) -> str:
     type=click.Path(dir_okay=False, path_type=Path),
     envvar=_env("KEY"),
     help="Server private key.",
+)
+@click.option(
+    "--crl",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=_env("CRL"),
+    help="X.509 CRL (PEM or DER, signed by the CA) of revoked client certificates; re-read on "
+    "SIGHUP, like --policy and the server certificate.  [default: crl.pem next to the server "
+    "certificate, when it exists]",
 )
 @click.option(
     "--state-dir",
@@ -551,6 +657,7 @@ def main(
     ca: Path | None,
     cert: Path | None,
     key: Path | None,
+    crl: Path | None,
     state_dir: Path,
     cgroup_root: Path | None,
     cgroup_name: str,
@@ -596,6 +703,7 @@ def main(
     try:
         config = Config(
             tls=paths,
+            crl=crl,
             listen=listen,
             state_dir=state_dir,
             cgroup_root=cgroup_root,

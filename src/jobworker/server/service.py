@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
@@ -46,8 +47,11 @@ from jobworker.server.authz import (
     Action,
     Identity,
     Policy,
+    RevocationKey,
+    Revocations,
     authorize,
     identity_from_auth_context,
+    revocation_key,
     visible,
 )
 from jobworker.server.debug import Metrics
@@ -193,29 +197,54 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
     """One handler per RPC; see the proto for what each does."""
 
     def __init__(
-        self, manager: JobManager, settings: Settings | None = None, metrics: Metrics | None = None
+        self,
+        manager: JobManager,
+        settings: Settings | None = None,
+        metrics: Metrics | None = None,
+        revocations: Revocations | None = None,
     ) -> None:
         self._mgr = manager
         self._settings = settings or Settings()
         self._metrics = metrics or Metrics()
-        self._identities: dict[bytes, Identity] = {}
-        """Verified certificate -> identity: parsing it is a measurable part of a short RPC."""
+        self._revocations = revocations or Revocations()
+        self._identities: dict[bytes, tuple[Identity, RevocationKey]] = {}
+        """Verified certificate -> identity and serial: parsing it is a measurable part of a
+        short RPC. The serial is checked against the current CRL on every call, hit or miss;
+        :meth:`reconfigure` empties the cache (the policy may change roles)."""
         self._listed: dict[str, tuple[JobStatus, pb.JobStatus]] = {}
         """Last List conversion per job: an ended job's status never changes again, and a
         running one's only in the fields List refreshes."""
 
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @property
+    def revocations(self) -> Revocations:
+        return self._revocations
+
+    def reconfigure(self, settings: Settings, revocations: Revocations) -> None:
+        """Apply a reloaded policy and CRL from the next call on (running calls keep the
+        identity they started with). Empties the identity cache."""
+        self._settings = settings
+        self._revocations = revocations
+        self._identities.clear()
+
     def _identity(self, context: aio.ServicerContext[object, object]) -> Identity:
         auth = {k: list(v) for k, v in context.auth_context().items()}
         certs = auth.get("x509_pem_cert") or []
+        cached = None
         if len(certs) == 1 and auth.get("transport_security_type") == [b"ssl"]:
             cached = self._identities.get(certs[0])
-            if cached is not None:
-                return cached
-        identity = identity_from_auth_context(auth, self._settings.policy)
-        if len(self._identities) >= IDENTITY_CACHE_SIZE:
-            self._identities.clear()
-        self._identities[certs[0]] = identity
-        return identity
+        if cached is None:
+            identity = identity_from_auth_context(auth, self._settings.policy)
+            cached = identity, revocation_key(certs[0])
+            if len(self._identities) >= IDENTITY_CACHE_SIZE:
+                self._identities.clear()
+            self._identities[certs[0]] = cached
+        # Every call, cached or not, on a resumed TLS session or an old connection alike.
+        self._revocations.check(cached[1], cached[0].name)
+        return cached[0]
 
     def _status_pb(self, status: JobStatus) -> pb.JobStatus:
         cached = self._listed.get(status.id)
@@ -512,6 +541,43 @@ def _checked_stream(
     return handler
 
 
+def _certificate_configuration(material: Material) -> Any:
+    return grpc.ssl_server_certificate_configuration(
+        [(material.key, material.cert)], root_certificates=material.ca
+    )
+
+
+class ServerCertificates:
+    """The daemon's certificate, key and client CA as grpc serves them: grpc asks
+    :meth:`fetch` before every new handshake, so :meth:`replace` takes effect for the next
+    connection while open connections keep theirs. grpc calls :meth:`fetch` from its own
+    threads, hence the lock."""
+
+    def __init__(self, material: Material) -> None:
+        self.initial = _certificate_configuration(material)
+        self._material = material
+        self._pending: Any = None
+        self._lock = threading.Lock()
+
+    def replace(self, material: Material) -> bool:
+        """Serve ``material`` from the next handshake on; ``False`` (nothing to do) when it is
+        what is served already: a new configuration is a new TLS context, whose new session
+        ticket keys would make every client do a full handshake again."""
+        if material == self._material:
+            return False
+        configuration = _certificate_configuration(material)
+        with self._lock:
+            self._pending = configuration
+        self._material = material
+        return True
+
+    def fetch(self) -> Any:
+        """The new configuration once after :meth:`replace`, else ``None`` (no change)."""
+        with self._lock:
+            configuration, self._pending = self._pending, None
+        return configuration
+
+
 NOT_READY = "the daemon is not serving yet (it is checking its own TLS settings); retry"
 CLOSING = "the daemon is shutting down; retry once it is back (or against another one)"
 HEALTH_SERVICE = grpc_health.SERVICE_NAME
@@ -539,6 +605,8 @@ class RunningServer:
     health: Any = None
     """The ``grpc.health.v1.Health`` servicer (grpc_health's asyncio one, untyped)."""
     gate: _Gate = field(default_factory=_Gate)
+    certificates: ServerCertificates | None = None
+    """Replace the served certificate (SIGHUP); ``None`` for a server made elsewhere."""
 
     async def begin_shutdown(self) -> None:
         """Health NOT_SERVING for good, and new JobWorker calls UNAVAILABLE; in-flight calls
@@ -602,8 +670,9 @@ async def start_server(
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection((SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
-    credentials = grpc.ssl_server_credentials(
-        [(material.key, material.cert)], root_certificates=material.ca, require_client_auth=True
+    certificates = ServerCertificates(material)
+    credentials = grpc.dynamic_ssl_server_credentials(
+        certificates.initial, certificates.fetch, require_client_authentication=True
     )
     try:
         port = server.add_secure_port(address, credentials)
@@ -618,7 +687,7 @@ async def start_server(
     gate.open = True
     for name in (grpc_health.OVERALL_HEALTH, SERVICE):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, health, gate)
+    return RunningServer(server, port, health, gate, certificates)
 
 
 async def _probe(address: str, port: int) -> None:

@@ -73,3 +73,69 @@ def certs_init(
         click.echo(f"  {name:<7} {pair.cert.name}, {pair.key.name}")
     click.echo(f"Start the daemon with: workerd --pki {pki.dir}")
     click.echo(f"Use it with: worker --pki {pki.dir} --user NAME ...")
+
+
+_DIR_OPTION = click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=lambda: str(default_pki_dirs()[0]),
+    show_default="~/.config/jobworker/pki",
+    help="The `certs init` directory (with ca.pem and ca-key.pem).",
+)
+
+
+@certs.command(name="revoke")
+@click.argument("name")
+@_DIR_OPTION
+def certs_revoke(name: str, directory: Path) -> None:
+    """Revoke NAME's certificate (NAME.pem): add its serial to crl.pem, signed by the CA.
+
+    Earlier revocations are kept; the CRL says to expect the next one within 30 days. workerd
+    applies it on SIGHUP (or at start), refusing every RPC with that certificate, open
+    connections included. To replace a lost or leaked certificate, revoke it, then renew.
+
+    \b
+      worker certs revoke alice --dir /etc/jobworker/pki && systemctl reload workerd
+    """
+    from jobworker.client.pki import PkiError, revoke
+
+    try:
+        done = revoke(directory, name)
+    except PkiError as e:
+        raise CommandExit(Exit.CONFIG, str(e)) from e
+    except OSError as e:
+        raise CommandExit(Exit.CONFIG, f"cannot revoke {name} in {directory}: {e}") from e
+    what = "was already revoked" if done.already else "revoked"
+    click.echo(
+        f"{name} (serial {done.serial:#x}) {what}: {done.crl} lists {done.count} "
+        f"certificate(s), next update by {done.next_update:%Y-%m-%d}"
+    )
+    click.echo("Apply it: send workerd SIGHUP (kill -HUP PID, or systemctl reload workerd)")
+
+
+@certs.command(name="renew")
+@click.argument("name")
+@_DIR_OPTION
+def certs_renew(name: str, directory: Path) -> None:
+    """Re-issue NAME's certificate (or the server's: NAME = server): a new key and serial, the
+    same name and role, valid 90 days. Replaces NAME.pem and NAME-key.pem.
+
+    The old certificate stays valid until it expires; revoke it first if its key leaked. After
+    renewing the server's, send workerd SIGHUP to serve the new one.
+    """
+    from cryptography import x509
+
+    from jobworker.client.pki import PkiError, renew
+
+    try:
+        pair = renew(directory, name)
+    except PkiError as e:
+        raise CommandExit(Exit.CONFIG, str(e)) from e
+    except OSError as e:
+        raise CommandExit(Exit.CONFIG, f"cannot renew {name} in {directory}: {e}") from e
+    cert = x509.load_pem_x509_certificate(pair.cert.read_bytes())
+    click.echo(
+        f"{name}: {pair.cert.name}, {pair.key.name} renewed (serial {cert.serial_number:#x}), "
+        f"valid until {cert.not_valid_after_utc:%Y-%m-%d}"
+    )
