@@ -108,6 +108,8 @@ GOALS: tuple[tuple[str, str, Callable[[float], bool] | None, str | None, str], .
 )
 
 
+BENCH_TMP = "/var/tmp"
+
 def log(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
@@ -120,7 +122,7 @@ def machine() -> dict[str, Any]:
             break
     mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
     fs = subprocess.run(
-        ["df", "--output=fstype", tempfile.gettempdir()],
+        ["df", "--output=fstype", BENCH_TMP],
         capture_output=True,
         text=True,
         check=False,
@@ -178,7 +180,9 @@ async def main() -> int:
     fanout_rows: list[dict[str, float]] = []
     began = time.monotonic()
     log(f"bench: {'quick' if settings.quick else 'full'} run of {', '.join(wanted)}")
-    with tempfile.TemporaryDirectory(prefix="jobworker-bench-") as tmp:
+    # Not /tmp: the daemon's jobs are sandboxed, with a private /tmp, and read their gate files
+    # from here.
+    with tempfile.TemporaryDirectory(prefix="jobworker-bench-", dir=BENCH_TMP) as tmp:
         daemon = Workerd(Path(tmp))
         log(f"workerd pid {daemon.pid} on {daemon.addr}, cgroup {daemon.cgroup_parent}")
         try:
