@@ -17,6 +17,8 @@ from grpc._cython import cygrpc  # type: ignore[attr-defined]
 
 # isort: on
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 import math
@@ -34,7 +36,7 @@ from jobworker.cgroup.devices import resolve_limits
 from jobworker.errors import HostError, InvalidArgument, JobworkerError, PermissionDenied
 from jobworker.identity import Role
 from jobworker.limits import Limits
-from jobworker.manager import JobManager
+from jobworker.manager import JobManager, PageKey
 from jobworker.server.accounts import Accounts, printable
 from jobworker.server.authz import (
     Action,
@@ -61,6 +63,9 @@ MAX_ARGV_ENV_BYTES`), so anything bigger is refused by grpc before it is even pa
 MAX_JOB_ID_BYTES = 128
 IDENTITY_CACHE_SIZE = 4096
 MAX_STOP_GRACE = 3600.0
+DEFAULT_PAGE_SIZE = 500
+MAX_PAGE_SIZE = 1000
+"""List: jobs per page when the request says 0, and the most it gets whatever it says."""
 MAX_DETAILS_BYTES = 1024
 """Longest error message sent back. grpc carries it in a header, percent-encoded, and a client
 refuses headers over 16 KiB (RESOURCE_EXHAUSTED instead of the real code): an error that quotes
@@ -304,10 +309,22 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
     ) -> pb.ListResponse:
         async with self._rpc("List", context) as identity:
             authorize(identity, Action.LIST)
-            response = pb.ListResponse()
-            for s in self._mgr.list():
-                if visible(identity, s.owner) and (request.all or s.owner == identity.name):
-                    response.jobs.append(self._status_pb(s))
+            size = request.page_size
+            if size < 0:
+                raise InvalidArgument(
+                    f"page_size must be 0 (the default, {DEFAULT_PAGE_SIZE}) or more, got {size}"
+                )
+            after = _page_after(request.page_token) if request.page_token else None
+            # A role sees everyone's jobs or only its own: "" stands for any other owner.
+            everyone = request.all and visible(identity, "")
+            jobs, last = self._mgr.list_page(
+                after,
+                min(size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE),
+                owner=None if everyone else identity.name,
+            )
+            response = pb.ListResponse(jobs=[self._status_pb(s) for s in jobs])
+            if last is not None:
+                response.next_page_token = _page_token(last)
             return response
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -346,6 +363,32 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
             finally:
                 self._metrics.followers.dec()
                 await _aclose(output)
+
+
+PAGE_TOKEN_VERSION = "1"
+BAD_PAGE_TOKEN = (
+    "page_token is not one this daemon gave: pass a List response's next_page_token "
+    "unchanged, or none to start from the first job"
+)
+
+
+def _page_token(key: PageKey) -> str:
+    """Opaque to clients: where the page ended (the last job's start time and id)."""
+    micros, job_id = key
+    raw = f"{PAGE_TOKEN_VERSION}:{micros}:{job_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _page_after(token: str) -> PageKey:
+    """The key a page token stands for; :class:`InvalidArgument` for one that does not parse."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        version, micros, job_id = raw.split(":", 2)
+        if version != PAGE_TOKEN_VERSION or not job_id:
+            raise ValueError(version)
+        return int(micros), job_id
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidArgument(BAD_PAGE_TOKEN) from None
 
 
 async def _aclose(iterator: AsyncIterator[bytes]) -> None:
