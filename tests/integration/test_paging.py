@@ -20,10 +20,11 @@ from jobworker.server import service
 from jobworker.server.daemon import Daemon
 from jobworker.spec import JobSpec, JobState, JobStatus
 from tests.integration import daemon_harness as harness
-from tests.integration.test_cli import Worker, W, env  # noqa: F401 - fixtures
+from tests.integration import test_cli
 
 pki_dir, daemon, connect = harness.pki_dir, harness.daemon, harness.connect
 Connect = harness.Connect
+W, env = test_cli.W, test_cli.env  # `worker` in a thread against the daemon
 
 
 async def ended(client: Client, n: int) -> list[str]:
@@ -142,7 +143,7 @@ async def test_jobs_started_or_removed_between_pages(daemon: Daemon, connect: Co
 
 
 async def test_worker_list_fetches_every_page(
-    daemon: Daemon, connect: Connect, W: Worker, monkeypatch: pytest.MonkeyPatch
+    daemon: Daemon, connect: Connect, W: test_cli.Worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(service, "DEFAULT_PAGE_SIZE", 2)
     ids = await ended(connect("alice"), 5)

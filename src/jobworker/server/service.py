@@ -48,6 +48,7 @@ from jobworker.server.authz import (
 )
 from jobworker.server.debug import Metrics
 from jobworker.server.policy import effective_limits
+from jobworker.server.quotas import Quotas
 from jobworker.spec import Credentials, JobSpec, JobState, JobStatus, Network, Sandbox
 from jobworker.tls import Material
 
@@ -163,9 +164,16 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
     """One handler per RPC; see the proto for what each does."""
 
     def __init__(
-        self, manager: JobManager, settings: Settings | None = None, metrics: Metrics | None = None
+        self,
+        manager: JobManager,
+        settings: Settings | None = None,
+        metrics: Metrics | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self._mgr = manager
+        self._quotas = quotas or Quotas()
+        self._ending: set[asyncio.Future[JobStatus]] = set()
+        """Per job under --max-running-per-user: waits for its end to give its slot back."""
         self._settings = settings or Settings()
         self._metrics = metrics or Metrics()
         self._identities: dict[bytes, Identity] = {}
@@ -276,10 +284,35 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
                     identity, convert.network_from_pb(request.network), request.no_sandbox
                 ),
             )
-            status = await self._mgr.start(spec, self._settings.credentials_for(identity))
+            status = await self._start_within_quotas(identity, spec)
             log.info("job %s started by %s: %s", status.id, printable(identity.name), _argv(spec))
             return pb.StartResponse(id=status.id, status=convert.status_to_pb(status))
         raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
+
+    async def _start_within_quotas(self, identity: Identity, spec: JobSpec) -> JobStatus:
+        """Start ``spec`` if the identity's quotas allow: its running slot is taken before the
+        start (two racing starts cannot both take the last one) and given back when the job
+        ends, or at once if the start fails."""
+        name = identity.name
+        counted = self._quotas.take_running(name)
+        try:
+            self._quotas.take_start(name)
+            status = await self._mgr.start(spec, self._settings.credentials_for(identity))
+        except BaseException:
+            if counted:
+                self._quotas.release_running(name)
+            raise
+        if counted:
+            ending = asyncio.ensure_future(self._mgr.wait(status.id))
+            self._ending.add(ending)
+            ending.add_done_callback(lambda task: self._job_ended(task, name))
+        return status
+
+    def _job_ended(self, task: asyncio.Future[JobStatus], name: str) -> None:
+        self._ending.discard(task)
+        self._quotas.release_running(name)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("waiting for a job of %s failed", name, exc_info=task.exception())
 
     async def Stop(
         self, request: pb.StopRequest, context: aio.ServicerContext[object, object]
@@ -333,7 +366,8 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
     ) -> pb.WaitResponse:
         async with self._rpc("Wait", context) as identity:
             self._job(identity, Action.WAIT, request.id)
-            status = await self._mgr.wait(request.id)
+            with self._quotas.stream(identity.name, "Wait"):
+                status = await self._mgr.wait(request.id)
             return pb.WaitResponse(status=convert.status_to_pb(status))
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -352,17 +386,18 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
     ) -> AsyncGenerator[pb.LogsChunk]:
         async with self._rpc("Logs", context) as identity:
             self._job(identity, Action.LOGS, request.id)
-            offset = request.offset
-            self._metrics.followers.inc()
-            output = self._mgr.output(request.id, offset=offset, follow=request.follow)
-            try:
-                async for data in output:
-                    yield pb.LogsChunk(offset=offset, data=data)
-                    offset += len(data)
-                    self._metrics.bytes_streamed.inc(len(data))
-            finally:
-                self._metrics.followers.dec()
-                await _aclose(output)
+            with self._quotas.stream(identity.name, "Logs"):
+                offset = request.offset
+                self._metrics.followers.inc()
+                output = self._mgr.output(request.id, offset=offset, follow=request.follow)
+                try:
+                    async for data in output:
+                        yield pb.LogsChunk(offset=offset, data=data)
+                        offset += len(data)
+                        self._metrics.bytes_streamed.inc(len(data))
+                finally:
+                    self._metrics.followers.dec()
+                    await _aclose(output)
 
 
 PAGE_TOKEN_VERSION = "1"
