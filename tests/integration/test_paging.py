@@ -59,6 +59,7 @@ async def test_pages_cover_every_job_once_oldest_first(daemon: Daemon, connect: 
     got = await pages(root, 5, all=True)
     assert [len(p) for p in got] == [5, 5, 2]
     assert [s.id for p in got for s in p] == order
+    assert [s.id for s in await connect("vera").list(all=True)] == order  # a viewer: everyone's
     got = await pages(alice, 3)
     assert [len(p) for p in got] == [3, 3, 2]
     assert [s.id for p in got for s in p] == mine
