@@ -14,7 +14,7 @@ import logging
 import os
 import resource
 import uuid
-from bisect import bisect_left, bisect_right, insort
+from bisect import bisect_left, bisect_right
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -535,15 +535,18 @@ def page_key(status: JobStatus) -> PageKey:
 
 class _JobTable(dict[str, Job]):
     """The manager's jobs by id, and the same ordered by :func:`page_key`, all and per owner
-    (sorted lists: a page is a bisect and a slice). Only ``[]=`` and ``del`` keep the order:
-    the manager uses nothing else to change its jobs."""
+    (sorted lists: a page is a bisect and a slice). A job that arrives out of order (recovery
+    reads records in file-name order) is appended and its list sorted once, at the next page or
+    removal: a restart with 100 000 records costs one sort, not 100 000 insertions. Only
+    ``[]=`` and ``del`` keep the order: the manager uses nothing else to change its jobs."""
 
-    __slots__ = ("_by_owner", "_order")
+    __slots__ = ("_by_owner", "_order", "_unsorted")
 
     def __init__(self) -> None:
         super().__init__()
         self._order: list[PageKey] = []
         self._by_owner: dict[str, list[PageKey]] = {}
+        self._unsorted: list[list[PageKey]] = []
 
     def __setitem__(self, job_id: str, job: Job) -> None:
         if job_id in self:
@@ -551,14 +554,19 @@ class _JobTable(dict[str, Job]):
         super().__setitem__(job_id, job)
         key = page_key(job.status)
         for keys in (self._order, self._by_owner.setdefault(job.spec.owner, [])):
-            if not keys or keys[-1] < key:
-                keys.append(key)  # the usual case: the newest job
-            else:
-                insort(keys, key)
+            if keys and key < keys[-1] and not any(k is keys for k in self._unsorted):
+                self._unsorted.append(keys)
+            keys.append(key)
+
+    def _sorted(self) -> None:
+        for keys in self._unsorted:
+            keys.sort()
+        self._unsorted.clear()
 
     def __delitem__(self, job_id: str) -> None:
         job = self[job_id]
         super().__delitem__(job_id)
+        self._sorted()
         key = page_key(job.status)
         owned = self._by_owner[job.spec.owner]
         for keys in (self._order, owned):
@@ -571,6 +579,7 @@ class _JobTable(dict[str, Job]):
     def page(
         self, after: PageKey | None, limit: int, owner: str | None
     ) -> tuple[list[JobStatus], PageKey | None]:
+        self._sorted()
         keys = self._order if owner is None else self._by_owner.get(owner, [])
         start = 0 if after is None else bisect_right(keys, after)
         chosen = keys[start : start + limit + 1]
