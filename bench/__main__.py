@@ -29,10 +29,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bench import fanout, latency, memory, plot, profile, scale, start, throughput
+from bench import fanout, latency, memory, paging, plot, profile, scale, start, throughput
 from bench.common import ROOT, Settings, Workerd
 
-SECTIONS = ("latency", "throughput", "fanout", "memory", "start", "scale")
+SECTIONS = ("latency", "throughput", "fanout", "memory", "start", "scale", "paging")
+"""In this order; ``paging`` runs a second daemon of its own (100 000 recovered records)."""
 
 # (key, goal text, goal check, baseline key, label)
 GOALS: tuple[tuple[str, str, Callable[[float], bool] | None, str | None, str], ...] = (
@@ -95,6 +96,14 @@ GOALS: tuple[tuple[str, str, Callable[[float], bool] | None, str | None, str], .
     ("status_p99_ms_1000_jobs", "<= 10 ms", lambda v: v <= 10.0, None, "Status p99, N running"),
     ("list_p99_ms_1000_jobs", "<= 10 ms", lambda v: v <= 10.0, None, "List p99, N running"),
     ("churn_jobs_per_s", ">= 200/s", lambda v: v >= 200.0, None, "churn, jobs/s"),
+    (
+        "list_page_p99_ms",
+        "<= 10 ms",
+        lambda v: v <= 10.0,
+        "list_page_rpc_p99_ms",
+        "List p99, a 500-job page",
+    ),
+    ("list_page_retained_jobs", "", None, None, "  of this many retained jobs"),
 )
 
 
@@ -193,6 +202,8 @@ async def main() -> int:
                     figures.update(await start.run(settings, daemon, log))
                 elif section == "scale":
                     figures.update(await scale.run(settings, daemon, log))
+                elif section == "paging":
+                    figures.update(await paging.run(settings, log))
                 figures[f"seconds_{section}"] = round(time.monotonic() - t0, 1)
                 if sampler is not None:
                     log(f"profile of workerd during {section}:\n{sampler.stop()}")
