@@ -29,12 +29,24 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bench import fanout, latency, memory, plot, profile, retention, scale, start, throughput
+from bench import (
+    fanout,
+    latency,
+    memory,
+    paging,
+    plot,
+    profile,
+    retention,
+    scale,
+    start,
+    throughput,
+)
 from bench.common import ROOT, Settings, Workerd
 
-SECTIONS = ("latency", "throughput", "fanout", "memory", "start", "scale", "retention")
+SECTIONS = ("latency", "throughput", "fanout", "memory", "start", "scale", "paging", "retention")
 OWN_DAEMON = ("retention",)
-"""Sections that run a daemon of their own (with other options), after the shared one stops."""
+"""Sections that run a daemon of their own (with other options), after the shared one stops;
+``paging`` starts a second daemon of its own beside it (100 000 recovered records)."""
 
 # (key, goal text, goal check, baseline key, label)
 GOALS: tuple[tuple[str, str, Callable[[float], bool] | None, str | None, str], ...] = (
@@ -105,10 +117,19 @@ GOALS: tuple[tuple[str, str, Callable[[float], bool] | None, str | None, str], .
         "RSS growth, 100k churned jobs",
     ),
     (retention.key(retention.QUICK_JOBS), "", None, None, "RSS growth, 5k churned jobs"),
+    (
+        "list_page_p99_ms",
+        "<= 10 ms",
+        lambda v: v <= 10.0,
+        "list_page_rpc_p99_ms",
+        "List p99, a 500-job page",
+    ),
+    ("list_page_retained_jobs", "", None, None, "  of this many retained jobs"),
 )
 
 
 BENCH_TMP = "/var/tmp"
+
 
 def log(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
@@ -209,6 +230,8 @@ async def main() -> int:
                     figures.update(await start.run(settings, daemon, log))
                 elif section == "scale":
                     figures.update(await scale.run(settings, daemon, log))
+                elif section == "paging":
+                    figures.update(await paging.run(settings, log))
                 figures[f"seconds_{section}"] = round(time.monotonic() - t0, 1)
                 if sampler is not None:
                     log(f"profile of workerd during {section}:\n{sampler.stop()}")

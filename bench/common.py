@@ -61,6 +61,8 @@ class Settings:
     scale_jobs: int
     churn_jobs: int
     concurrency: int
+    paging_jobs: int = 100_000
+    """Ended jobs the daemon retains when one List page is timed (section ``paging``)."""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -79,6 +81,7 @@ class Settings:
                 scale_jobs=200,
                 churn_jobs=1000,
                 concurrency=16,
+                paging_jobs=5000,
             )
         return cls(
             quick=False,
@@ -195,9 +198,17 @@ class Workerd:
     """``workerd`` as a subprocess on 127.0.0.1 (port chosen by the daemon), with the debug
     endpoint on. Stop it with :meth:`stop` (SIGTERM), which checks its cgroup parent is gone."""
 
-    def __init__(self, workdir: Path, *extra: str) -> None:
-        """``extra``: more ``workerd`` options (e.g. ``--retain-jobs 1000``)."""
+    def __init__(
+        self,
+        workdir: Path,
+        *extra: str,
+        cgroup_name: str = CGROUP_NAME,
+        ready_timeout: float = READY_TIMEOUT,
+    ) -> None:
+        """``extra``: more ``workerd`` options (e.g. ``--retain-jobs 1000``); ``workdir/state``
+        may hold records already (the daemon recovers them at start)."""
         self.workdir = workdir
+        self._ready_timeout = ready_timeout
         self.pki = workdir / "pki"
         self.state = workdir / "state"
         self.log_path = workdir / "workerd.log"
@@ -211,7 +222,7 @@ class Workerd:
         shutil.copyfile(WRITER, self.writer_path)
         self.writer_path.chmod(0o644)
         init_pki(self.pki, [(USER, "admin")])
-        self.cgroup_parent = own_cgroup_dir() / CGROUP_NAME
+        self.cgroup_parent = own_cgroup_dir() / cgroup_name
         if self.cgroup_parent.exists():
             raise SystemExit(f"bench: {self.cgroup_parent} exists: is another benchmark running?")
         self.debug_port = free_port()
@@ -226,7 +237,7 @@ class Workerd:
                 "--state-dir",
                 str(self.state),
                 "--cgroup-name",
-                CGROUP_NAME,
+                cgroup_name,
                 "--stop-grace",
                 "1",
                 "--debug-addr",
@@ -242,7 +253,7 @@ class Workerd:
         self.addr = f"127.0.0.1:{self.port}"
 
     def _wait_port(self) -> int:
-        deadline = time.monotonic() + READY_TIMEOUT
+        deadline = time.monotonic() + self._ready_timeout
         while time.monotonic() < deadline:
             found = re.search(rb"listening on \S+ \(port (\d+)\)", self.log_path.read_bytes())
             if found:

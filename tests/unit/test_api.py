@@ -195,3 +195,27 @@ def test_the_service_serves_every_method_of_the_proto() -> None:
 
     service = pb.DESCRIPTOR.services_by_name["JobWorker"]
     assert {m.name for m in service.methods} == {name for name, _, _ in _METHODS}
+
+
+async def test_the_list_conversion_cache_is_bounded() -> None:
+    """Jobs removed by retention or rm must not stay in the service's List cache for ever."""
+    from datetime import UTC, datetime
+
+    from jobworker.server import service as service_module
+    from jobworker.spec import JobState, JobStatus
+
+    servicer = service_module.JobWorkerService(manager=None)  # type: ignore[arg-type]
+    for i in range(service_module.LISTED_CACHE + 500):
+        status = JobStatus(
+            id=f"job-{i}",
+            state=JobState.EXITED,
+            argv=("true",),
+            owner="alice",
+            pid=1,
+            started_at=datetime.now(UTC),
+        )
+        assert servicer._status_pb(status).id == status.id
+    assert len(servicer._listed) == service_module.LISTED_CACHE
+    assert "job-0" not in servicer._listed and f"job-{service_module.LISTED_CACHE + 499}" in (
+        servicer._listed
+    )

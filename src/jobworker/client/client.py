@@ -19,6 +19,7 @@ shutting down) is :class:`~jobworker.errors.ShuttingDown`; a code outside the ta
 from __future__ import annotations
 
 import asyncio
+import builtins
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -168,12 +169,29 @@ class Client:
         return convert.status_from_pb(response.status)
 
     async def list(self, all: bool = False) -> list[JobStatus]:
-        """This identity's jobs, or with ``all`` every job its role may see."""
+        """This identity's jobs, or with ``all`` every job its role may see, oldest first:
+        every page of them (see :meth:`list_page`)."""
+        jobs: list[JobStatus] = []
+        token = ""
+        while True:
+            page, token = await self.list_page(all=all, page_token=token)
+            jobs.extend(page)
+            if not token:
+                return jobs
+
+    async def list_page(
+        self, *, all: bool = False, page_size: int = 0, page_token: str = ""
+    ) -> tuple[builtins.list[JobStatus], str]:
+        """One page of :meth:`list`: up to ``page_size`` jobs (0: the daemon's default, 500;
+        it sends at most 1000) after where ``page_token`` left off (``""``: from the first),
+        and the token for the next page, ``""`` after the last. A job started meanwhile comes
+        at the end, so paging on lists every job that existed throughout exactly once."""
+        request = pb.ListRequest(all=all, page_size=page_size, page_token=page_token)
         try:
-            response = await self._stub.List(pb.ListRequest(all=all), timeout=self._timeout)
+            response = await self._stub.List(request, timeout=self._timeout)
         except grpc.RpcError as e:
             raise _translate(e) from None
-        return [convert.status_from_pb(s) for s in response.jobs]
+        return [convert.status_from_pb(s) for s in response.jobs], response.next_page_token
 
     async def wait(self, job_id: str) -> JobStatus:
         """Block until the job has ended; returns its final status."""

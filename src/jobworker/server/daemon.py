@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -42,6 +43,7 @@ from jobworker.server.accounts import DEFAULT_UID_RANGE, Accounts, IdentityUids,
 from jobworker.server.authz import Policy, Revocations
 from jobworker.server.debug import DebugServer, Metrics
 from jobworker.server.policy import effective_limits
+from jobworker.server.quotas import Quotas
 from jobworker.spec import JobState, Network
 from jobworker.tls import Material, Paths, load_server
 from jobworker.units import parse_duration, parse_size
@@ -93,6 +95,14 @@ class Config:
     """What ages are measured against (default: the wall clock; tests pass one they move)."""
     default_limits: Limits = field(default_factory=Limits)
     max_limits: Limits = field(default_factory=Limits)
+    max_running_per_user: int | None = None
+    """Running jobs an identity may have at once; ``None`` = no quota."""
+    max_streams_per_user: int | None = None
+    """Logs and Wait calls an identity may have open at once; ``None`` = no quota."""
+    max_starts_per_second_per_user: float | None = None
+    """Starts per second per identity (a token bucket, bursts of up to max(1, rate))."""
+    quota_clock: Callable[[], float] | None = None
+    """The start buckets' clock (seconds, monotonic); ``None``: time.monotonic. For tests."""
     policy_file: Path | None = None
     max_runtime: float | None = None
     """Seconds a job may run at most, and the deadline of a job that asks for none; the
@@ -300,6 +310,12 @@ async def serve(config: Config) -> Daemon:
     named = {config.job_account} if config.job_account is not None else set()
     for account in sorted(named | (policy.accounts() if policy else set())):
         settings.accounts.credentials(account)
+    quotas = Quotas(
+        config.max_running_per_user,
+        config.max_streams_per_user,
+        config.max_starts_per_second_per_user,
+        clock=config.quota_clock or time.monotonic,
+    )
     metrics = Metrics()
     loop = asyncio.get_running_loop()
     async with contextlib.AsyncExitStack() as undo:
@@ -353,7 +369,9 @@ async def serve(config: Config) -> Daemon:
                     "debug/stacks, debug/profile, debug/heap)",
                     endpoint.url,
                 )
-        servicer = service.JobWorkerService(manager, settings, metrics, revocations)
+        servicer = service.JobWorkerService(
+            manager, settings, metrics, revocations=revocations, quotas=quotas
+        )
         server = await service.start_server(servicer, material, config.listen)
         undo.pop_all()
     daemon = Daemon(
@@ -603,6 +621,26 @@ def _env(name: str) -> str:
 )
 @click.option("--max-pids", envvar=_env("MAX_PIDS"), help="Most tasks a job may ask for.")
 @click.option(
+    "--max-running-per-user",
+    type=click.IntRange(min=1),
+    envvar=_env("MAX_RUNNING_PER_USER"),
+    help="Most jobs one identity may have running at once (more: RESOURCE_EXHAUSTED).  "
+    "[default: no quota]",
+)
+@click.option(
+    "--max-streams-per-user",
+    type=click.IntRange(min=1),
+    envvar=_env("MAX_STREAMS_PER_USER"),
+    help="Most Logs/Wait calls one identity may have open at once.  [default: no quota]",
+)
+@click.option(
+    "--max-starts-per-second-per-user",
+    type=click.FloatRange(min=0, min_open=True),
+    envvar=_env("MAX_STARTS_PER_SECOND_PER_USER"),
+    help="Starts per second one identity may make (bursts of up to max(1, R)).  "
+    "[default: no quota]",
+)
+@click.option(
     "--debug-socket",
     type=click.Path(dir_okay=False, path_type=Path),
     envvar=_env("DEBUG_SOCKET"),
@@ -680,6 +718,9 @@ def main(
     max_memory: str | None,
     max_io: tuple[str, ...],
     max_pids: str | None,
+    max_running_per_user: int | None,
+    max_streams_per_user: int | None,
+    max_starts_per_second_per_user: float | None,
     debug_socket: Path | None,
     debug_addr: str | None,
     default_network: str,
@@ -721,6 +762,9 @@ def main(
                 default_cpu, default_cpu_weight, default_memory, default_io, default_pids
             ),
             max_limits=_limits(max_cpu, max_cpu_weight, max_memory, max_io, max_pids),
+            max_running_per_user=max_running_per_user,
+            max_streams_per_user=max_streams_per_user,
+            max_starts_per_second_per_user=max_starts_per_second_per_user,
             policy_file=policy_file,
             max_runtime=(
                 None if max_runtime is None else parse_duration(max_runtime, "--max-runtime")

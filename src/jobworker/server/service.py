@@ -17,6 +17,9 @@ from grpc._cython import cygrpc  # type: ignore[attr-defined]
 
 # isort: on
 import asyncio
+import base64
+import binascii
+import collections
 import contextlib
 import logging
 import math
@@ -40,7 +43,7 @@ from jobworker.cgroup.devices import resolve_limits
 from jobworker.errors import HostError, InvalidArgument, JobworkerError, PermissionDenied
 from jobworker.identity import Role
 from jobworker.limits import Limits
-from jobworker.manager import JobManager
+from jobworker.manager import JobManager, PageKey
 from jobworker.server import logs
 from jobworker.server.accounts import Accounts, printable
 from jobworker.server.authz import (
@@ -56,6 +59,7 @@ from jobworker.server.authz import (
 )
 from jobworker.server.debug import Metrics
 from jobworker.server.policy import effective_limits, effective_timeout
+from jobworker.server.quotas import Quotas
 from jobworker.spec import Credentials, JobSpec, JobState, JobStatus, Network, Sandbox
 from jobworker.tls import Material
 
@@ -71,6 +75,9 @@ MAX_ARGV_ENV_BYTES`), so anything bigger is refused by grpc before it is even pa
 MAX_JOB_ID_BYTES = 128
 IDENTITY_CACHE_SIZE = 4096
 MAX_STOP_GRACE = 3600.0
+DEFAULT_PAGE_SIZE = 500
+MAX_PAGE_SIZE = 1000
+"""List: jobs per page when the request says 0, and the most it gets whatever it says."""
 MAX_DETAILS_BYTES = 1024
 """Longest error message sent back. grpc carries it in a header, percent-encoded, and a client
 refuses headers over 16 KiB (RESOURCE_EXHAUSTED instead of the real code): an error that quotes
@@ -85,6 +92,10 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
 )
+
+
+LISTED_CACHE = 4096
+"""How many List conversions the service keeps: a few pages' worth (a page is at most 1000)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,8 +213,12 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
         settings: Settings | None = None,
         metrics: Metrics | None = None,
         revocations: Revocations | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self._mgr = manager
+        self._quotas = quotas or Quotas()
+        self._ending: set[asyncio.Future[JobStatus]] = set()
+        """Per job under --max-running-per-user: waits for its end to give its slot back."""
         self._settings = settings or Settings()
         self._metrics = metrics or Metrics()
         self._revocations = revocations or Revocations()
@@ -211,9 +226,12 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
         """Verified certificate -> identity and serial: parsing it is a measurable part of a
         short RPC. The serial is checked against the current CRL on every call, hit or miss;
         :meth:`reconfigure` empties the cache (the policy may change roles)."""
-        self._listed: dict[str, tuple[JobStatus, pb.JobStatus]] = {}
-        """Last List conversion per job: an ended job's status never changes again, and a
-        running one's only in the fields List refreshes."""
+        self._listed: collections.OrderedDict[str, tuple[JobStatus, pb.JobStatus]] = (
+            collections.OrderedDict()
+        )
+        """Last List conversion per job, least recently listed first: an ended job's status
+        never changes again, and a running one's only in the fields List refreshes. At most
+        :data:`LISTED_CACHE` entries, so jobs removed since (retention, rm) do not stay."""
 
     @property
     def settings(self) -> Settings:
@@ -249,6 +267,7 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
     def _status_pb(self, status: JobStatus) -> pb.JobStatus:
         cached = self._listed.get(status.id)
         if cached is not None:
+            self._listed.move_to_end(status.id)
             old, msg = cached
             if old is status:
                 return msg
@@ -257,6 +276,8 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
                 return msg
         msg = convert.status_to_pb(status)
         self._listed[status.id] = (status, msg)
+        if len(self._listed) > LISTED_CACHE:
+            self._listed.popitem(last=False)
         return msg
 
     @contextlib.asynccontextmanager
@@ -358,11 +379,36 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
                 ),
                 timeout=self._settings.timeout_for(identity, timeout),
             )
-            status = await self._mgr.start(spec, self._settings.credentials_for(identity))
+            status = await self._start_within_quotas(identity, spec)
             _note_job(status.id)
             log.info("job %s started by %s: %s", status.id, printable(identity.name), _argv(spec))
             return pb.StartResponse(id=status.id, status=convert.status_to_pb(status))
         raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
+
+    async def _start_within_quotas(self, identity: Identity, spec: JobSpec) -> JobStatus:
+        """Start ``spec`` if the identity's quotas allow: its running slot is taken before the
+        start (two racing starts cannot both take the last one) and given back when the job
+        ends, or at once if the start fails."""
+        name = identity.name
+        counted = self._quotas.take_running(name)
+        try:
+            self._quotas.take_start(name)
+            status = await self._mgr.start(spec, self._settings.credentials_for(identity))
+        except BaseException:
+            if counted:
+                self._quotas.release_running(name)
+            raise
+        if counted:
+            ending = asyncio.ensure_future(self._mgr.wait(status.id))
+            self._ending.add(ending)
+            ending.add_done_callback(lambda task: self._job_ended(task, name))
+        return status
+
+    def _job_ended(self, task: asyncio.Future[JobStatus], name: str) -> None:
+        self._ending.discard(task)
+        self._quotas.release_running(name)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("waiting for a job of %s failed", name, exc_info=task.exception())
 
     async def Stop(
         self, request: pb.StopRequest, context: aio.ServicerContext[object, object]
@@ -392,10 +438,22 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
     ) -> pb.ListResponse:
         async with self._rpc("List", context) as identity:
             authorize(identity, Action.LIST)
-            response = pb.ListResponse()
-            for s in self._mgr.list():
-                if visible(identity, s.owner) and (request.all or s.owner == identity.name):
-                    response.jobs.append(self._status_pb(s))
+            size = request.page_size
+            if size < 0:
+                raise InvalidArgument(
+                    f"page_size must be 0 (the default, {DEFAULT_PAGE_SIZE}) or more, got {size}"
+                )
+            after = _page_after(request.page_token) if request.page_token else None
+            # A role sees everyone's jobs or only its own: "" stands for any other owner.
+            everyone = request.all and visible(identity, "")
+            jobs, last = self._mgr.list_page(
+                after,
+                min(size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE),
+                owner=None if everyone else identity.name,
+            )
+            response = pb.ListResponse(jobs=[self._status_pb(s) for s in jobs])
+            if last is not None:
+                response.next_page_token = _page_token(last)
             return response
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -404,7 +462,8 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
     ) -> pb.WaitResponse:
         async with self._rpc("Wait", context) as identity:
             self._job(identity, Action.WAIT, request.id)
-            status = await self._mgr.wait(request.id)
+            with self._quotas.stream(identity.name, "Wait"):
+                status = await self._mgr.wait(request.id)
             return pb.WaitResponse(status=convert.status_to_pb(status))
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -423,17 +482,44 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
     ) -> AsyncGenerator[pb.LogsChunk]:
         async with self._rpc("Logs", context) as identity:
             self._job(identity, Action.LOGS, request.id)
-            offset = request.offset
-            self._metrics.followers.inc()
-            output = self._mgr.output(request.id, offset=offset, follow=request.follow)
-            try:
-                async for data in output:
-                    yield pb.LogsChunk(offset=offset, data=data)
-                    offset += len(data)
-                    self._metrics.bytes_streamed.inc(len(data))
-            finally:
-                self._metrics.followers.dec()
-                await _aclose(output)
+            with self._quotas.stream(identity.name, "Logs"):
+                offset = request.offset
+                self._metrics.followers.inc()
+                output = self._mgr.output(request.id, offset=offset, follow=request.follow)
+                try:
+                    async for data in output:
+                        yield pb.LogsChunk(offset=offset, data=data)
+                        offset += len(data)
+                        self._metrics.bytes_streamed.inc(len(data))
+                finally:
+                    self._metrics.followers.dec()
+                    await _aclose(output)
+
+
+PAGE_TOKEN_VERSION = "1"
+BAD_PAGE_TOKEN = (
+    "page_token is not one this daemon gave: pass a List response's next_page_token "
+    "unchanged, or none to start from the first job"
+)
+
+
+def _page_token(key: PageKey) -> str:
+    """Opaque to clients: where the page ended (the last job's start time and id)."""
+    micros, job_id = key
+    raw = f"{PAGE_TOKEN_VERSION}:{micros}:{job_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _page_after(token: str) -> PageKey:
+    """The key a page token stands for; :class:`InvalidArgument` for one that does not parse."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        version, micros, job_id = raw.split(":", 2)
+        if version != PAGE_TOKEN_VERSION or not job_id:
+            raise ValueError(version)
+        return int(micros), job_id
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidArgument(BAD_PAGE_TOKEN) from None
 
 
 async def _aclose(iterator: AsyncIterator[bytes]) -> None:
