@@ -135,6 +135,11 @@ class JobSpec:
         if not self.cwd.startswith("/"):
             raise InvalidArgument(f"cwd must be an absolute path, got {self.cwd!r}")
         _check_text("owner", self.owner, MAX_OWNER_BYTES)
+        if self.sandbox is not None and self.limits.pids is not None and self.limits.pids < 2:
+            raise InvalidArgument(
+                f"pids={self.limits.pids} leaves a sandboxed job no room: its PID namespace's "
+                "init counts as a task too; ask for at least 2"
+            )
         if self.timeout is not None:
             if isinstance(self.timeout, bool) or not isinstance(self.timeout, int | float):
                 raise InvalidArgument(

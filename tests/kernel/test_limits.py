@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from jobworker import IOLimit, JobManager, JobSpec, JobState, JobStatus, Limits
+from jobworker import IOLimit, JobManager, JobSpec, JobState, JobStatus, Limits, Sandbox
 from jobworker.cgroup import fs
 from jobworker.cgroup import io as cgio
 
@@ -442,3 +442,16 @@ async def test_pids_limit_holds_a_fork_bomb(manager: JobManager, figure: dict[st
     )
     assert final.state is JobState.STOPPED
     assert not group.exists()
+
+
+async def test_pids_one_and_two(manager: JobManager, figure: dict[str, str]) -> None:
+    """The smallest task limits that work: pids=1 for a plain job (it is forked: the spawner
+    cannot step into a group with no room for itself), pids=2 for a sandboxed one (its init
+    counts)."""
+    plain = await manager.start(JobSpec(argv=("true",), limits=Limits(pids=1)))
+    plain = await manager.wait(plain.id)
+    assert plain.exit_code == 0, plain
+    boxed = await manager.start(JobSpec(argv=("true",), limits=Limits(pids=2), sandbox=Sandbox()))
+    boxed = await manager.wait(boxed.id)
+    assert boxed.exit_code == 0, boxed
+    figure["pids 1 (plain) / 2 (sandboxed)"] = f"exit {plain.exit_code} / {boxed.exit_code}"

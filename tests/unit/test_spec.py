@@ -60,3 +60,13 @@ def test_resolve_command(tmp_path: Path) -> None:
         resolve_command(str(tmp_path), path, "/")
     with pytest.raises(SpawnError, match="working directory"):
         resolve_command("run.sh", path, str(tmp_path / "missing"))
+
+
+def test_a_sandboxed_job_needs_room_for_its_init() -> None:
+    from jobworker.limits import Limits
+    from jobworker.spec import Sandbox
+
+    with pytest.raises(InvalidArgument, match="init counts as a task"):
+        JobSpec(argv=("true",), limits=Limits(pids=1), sandbox=Sandbox())
+    JobSpec(argv=("true",), limits=Limits(pids=2), sandbox=Sandbox())
+    JobSpec(argv=("true",), limits=Limits(pids=1))  # unsandboxed: the job alone
