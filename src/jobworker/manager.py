@@ -513,8 +513,9 @@ class JobManager:
         if self._retention is None or self._closing:
             return
         for removal in self._retention.due(self._clock()):
-            if self._jobs.pop(removal.job_id, None) is None:
+            if removal.job_id not in self._jobs:
                 continue
+            del self._jobs[removal.job_id]  # not pop(): the table keeps its order on del
             log.debug("job %s: removed by retention (%s)", removal.job_id, removal.reason)
             if self._on_removed is not None:
                 try:
