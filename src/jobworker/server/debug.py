@@ -21,8 +21,9 @@ Endpoints:
     Every thread's stack, then every asyncio task's.
 ``/debug/profile?seconds=N``
     A CPU profile of the whole process. cProfile only sees the thread that enables it, so this
-    is a sampling profiler instead: a thread reads every other thread's frame
-    (``sys._current_frames()``) every :data:`SAMPLE_INTERVAL` for N seconds (default 10, at most
+    is a sampling profiler instead (:mod:`jobworker.server.profiling`): a thread reads every
+    other thread's frame (``sys._current_frames()``) every
+    :data:`~jobworker.server.profiling.SAMPLE_INTERVAL` for N seconds (default 10, at most
     :data:`MAX_PROFILE_SECONDS`). The answer is the top functions by samples, then the stacks in
     the "folded" format flame graph tools read. Native code (grpc's C core) shows up as the
     Python frame that called into it.
@@ -46,221 +47,51 @@ task stacks) is run on the loop with ``run_coroutine_threadsafe``.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import io
 import ipaddress
 import logging
 import math
-import os
 import re
-import socket
 import socketserver
-import ssl
-import stat
-import struct
-import sys
-import tempfile
 import threading
 import time
-import traceback
 import tracemalloc
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from types import FrameType
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.registry import Collector
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from jobworker.errors import HostError, InvalidArgument, Unauthenticated
-from jobworker.identity import Role
-from jobworker.retention import REASONS, Removal
-from jobworker.server.authz import Policy, identity_from_certificate
-from jobworker.spec import JobState
+from jobworker.errors import HostError, InvalidArgument
+from jobworker.server.authz import Policy
+from jobworker.server.debug_listeners import (
+    CONNECTION_TIMEOUT,
+    _bind_unix,
+    _Peer,
+    _tls_context,
+    _TLSServer,
+    _UnixServer,
+)
+from jobworker.server.metrics import Metrics
+from jobworker.server.profiling import heap, profile, task_stacks, thread_stacks
 from jobworker.tls import Material
+
+__all__ = ["DebugServer", "Metrics", "parse_address"]
+""":class:`~jobworker.server.metrics.Metrics` is re-exported: the daemon imports it from here."""
 
 log = logging.getLogger(__name__)
 
-SAMPLE_INTERVAL = 0.005
 SHUTDOWN_POLL = 0.02
 """How often the HTTP server's loop checks for :meth:`DebugServer.close` (the stdlib's 0.5 s
 default made every daemon shutdown half a second longer)."""
 MAX_PROFILE_SECONDS = 120.0
 LOOP_CALL_TIMEOUT = 5.0
-SOCKET_MODE = 0o600
-CONNECTION_TIMEOUT = 10.0
-"""Socket timeout of a connection: the TLS handshake, reading the request, writing the answer
-(a profile's sampling time is not counted: nothing is read or written meanwhile)."""
-MAX_CONNECTIONS = 16
-"""Connections served at once (each has a thread); more are closed at once."""
 MAX_QUERY_FIELDS = 8
 T = TypeVar("T")
-
-
-class _JobsCollector(Collector):
-    def __init__(self, states: Callable[[], Iterable[JobState]]) -> None:
-        self._states = states
-
-    def collect(self) -> Iterator[Metric]:
-        family = GaugeMetricFamily(
-            "jobworker_jobs", "Jobs known to the daemon, by state.", labels=["state"]
-        )
-        counts = collections.Counter(self._states())
-        for state in JobState:
-            family.add_metric([state.value], counts[state])
-        yield family
-
-
-class Metrics:
-    """The daemon's Prometheus metrics, in a registry of their own (so several daemons can run
-    in one process, as in tests)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.rpcs = Counter(
-            "jobworker_rpcs",
-            "RPCs handled, by method and status code.",
-            ["method", "code"],
-            registry=self.registry,
-        )
-        self.rpc_seconds = Histogram(
-            "jobworker_rpc_duration_seconds",
-            "RPC latency by method (a Logs stream counts until it ends).",
-            ["method"],
-            registry=self.registry,
-        )
-        self.in_flight = Gauge(
-            "jobworker_rpcs_in_flight",
-            "RPCs being handled now, by method.",
-            ["method"],
-            registry=self.registry,
-        )
-        self.followers = Gauge(
-            "jobworker_log_streams_active", "Logs streams being served now.", registry=self.registry
-        )
-        self.bytes_streamed = Counter(
-            "jobworker_log_streamed_bytes",
-            "Output bytes sent to Logs clients.",
-            registry=self.registry,
-        )
-        self.jobs_removed = Counter(
-            "jobworker_jobs_removed",
-            "Ended jobs removed by retention (record and log), by the limit that removed them.",
-            ["reason"],
-            registry=self.registry,
-        )
-        for reason in REASONS:
-            self.jobs_removed.labels(reason)
-
-    def job_removed(self, removal: Removal) -> None:
-        self.jobs_removed.labels(removal.reason).inc()
-
-    def observe_jobs(self, states: Callable[[], Iterable[JobState]]) -> None:
-        """Report jobs by state, read with ``states()`` at each scrape (from the HTTP thread)."""
-        self.registry.register(_JobsCollector(states))
-
-    def rpc(self, method: str, code: str, seconds: float) -> None:
-        self.rpcs.labels(method, code).inc()
-        self.rpc_seconds.labels(method).observe(seconds)
-
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
-
-
-# -- stacks, profile, heap ------------------------------------------------------------------
-
-
-def thread_stacks() -> str:
-    names = {t.ident: t.name for t in threading.enumerate()}
-    out = io.StringIO()
-    for ident, frame in sys._current_frames().items():
-        out.write(f"--- thread {names.get(ident, '?')} ({ident})\n")
-        out.write("".join(traceback.format_stack(frame)))
-    return out.getvalue()
-
-
-async def task_stacks() -> str:
-    """Every asyncio task of the running loop with its stack (call on the loop).
-
-    Not ``Task.print_stack``: it fails on frames without a line number (Cython coroutines)."""
-    out = io.StringIO()
-    for task in sorted(asyncio.all_tasks(), key=lambda t: t.get_name()):
-        out.write(f"--- task {task.get_name()}: {task.get_coro()!r}\n")
-        for frame in task.get_stack():
-            code = frame.f_code
-            out.write(f'  File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}\n')
-    return out.getvalue()
-
-
-def _frame_key(frame: FrameType) -> str:
-    code = frame.f_code
-    return f"{code.co_qualname} ({code.co_filename}:{code.co_firstlineno})"
-
-
-def profile(
-    seconds: float, interval: float = SAMPLE_INTERVAL, stop: threading.Event | None = None
-) -> str:
-    """Sample every other thread's stack for ``seconds`` (less if ``stop`` is set); see the
-    module docstring."""
-    stop = stop or threading.Event()
-    me = threading.get_ident()
-    folded: collections.Counter[str] = collections.Counter()
-    own: collections.Counter[str] = collections.Counter()
-    total: collections.Counter[str] = collections.Counter()
-    samples = 0
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and not stop.is_set():
-        for ident, frame in sys._current_frames().items():
-            if ident == me:
-                continue
-            stack: list[str] = []
-            f: FrameType | None = frame
-            while f is not None:
-                stack.append(_frame_key(f))
-                f = f.f_back
-            if not stack:
-                continue
-            samples += 1
-            own[stack[0]] += 1
-            for key in set(stack):
-                total[key] += 1
-            folded[";".join(reversed(stack))] += 1
-        stop.wait(interval)
-    out = io.StringIO()
-    out.write(f"# {samples} thread samples over {seconds:g}s every {interval * 1000:g} ms\n")
-    out.write("# top functions: self samples, total samples, function\n")
-    for key, n in own.most_common(40):
-        out.write(f"{n:8d} {total[key]:8d}  {key}\n")
-    out.write("# folded stacks (flamegraph.pl / speedscope input)\n")
-    for stack_text, n in folded.most_common():
-        out.write(f"{stack_text} {n}\n")
-    return out.getvalue()
-
-
-def heap(limit: int = 25) -> str:
-    if not tracemalloc.is_tracing():
-        tracemalloc.start(16)
-        return (
-            "tracemalloc was off and is now tracing (it slows allocations down); request this "
-            "page again for the top allocation sites, and /debug/heap?stop=1 to stop tracing.\n"
-        )
-    snapshot = tracemalloc.take_snapshot().filter_traces(
-        [tracemalloc.Filter(False, tracemalloc.__file__)]
-    )
-    stats = snapshot.statistics("lineno")
-    current, peak = tracemalloc.get_traced_memory()
-    out = io.StringIO()
-    out.write(f"# traced now {current} bytes, peak {peak} bytes; top {limit} sites by size\n")
-    for site in stats[:limit]:
-        out.write(f"{site.size:12d} B {site.count:8d} blocks  {site.traceback[0]}\n")
-    return out.getvalue()
 
 
 # -- the HTTP server ------------------------------------------------------------------------
@@ -349,171 +180,6 @@ def _same_host(a: str, b: str) -> bool:
         return ipaddress.ip_address(a) == ipaddress.ip_address(b)
     except ValueError:
         return False
-
-
-class _Peer(threading.local):
-    refused: str | None = None
-    """Why this thread's connection may not be answered (403), or ``None``."""
-
-
-class _Limited(socketserver.ThreadingMixIn):
-    """Bounded thread-per-connection serving, with each connection vetted by :meth:`admit`."""
-
-    daemon_threads = False
-    """Request threads are joined at close (a profile is cut short first)."""
-    block_on_close = True
-
-    def setup_limits(self) -> None:
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self.peer = _Peer()
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            log.warning("debug endpoint: more than %d connections; closing one", MAX_CONNECTIONS)
-            self.shutdown_request(request)  # type: ignore[attr-defined]
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Not the stdlib's traceback on stderr: a client that went away is no failure.
-        log.debug("debug endpoint: connection failed", exc_info=True)
-
-
-class _TLSServer(_Limited, ThreadingHTTPServer):
-    """HTTPS with mutual TLS; the handshake runs in the connection's thread, not the accept
-    loop, so a peer that stalls it holds up nobody else."""
-
-    def __init__(
-        self,
-        address: tuple[str, int],
-        handler: type[BaseHTTPRequestHandler],
-        context: ssl.SSLContext,
-        policy: Policy | None,
-    ) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.context = context
-        self.policy = policy
-        self.setup_limits()
-        super().__init__(address, handler)
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        request.settimeout(CONNECTION_TIMEOUT)
-        try:
-            # wrap_socket takes over the fd: closing ``tls`` closes the connection.
-            tls = self.context.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError) as e:
-            log.info("debug endpoint: TLS handshake with %s failed: %s", client_address[0], e)
-            return
-        try:
-            self.peer.refused = self._refusal(tls)
-            self.RequestHandlerClass(tls, client_address, self)  # type: ignore[arg-type]
-        finally:
-            self.peer.refused = None
-            with contextlib.suppress(OSError):
-                tls.shutdown(socket.SHUT_RDWR)
-            tls.close()
-
-    def _refusal(self, tls: ssl.SSLSocket) -> str | None:
-        der = tls.getpeercert(binary_form=True)
-        if der is None:  # pragma: no cover - CERT_REQUIRED fails the handshake first
-            return "a client certificate is required"
-        try:
-            identity = identity_from_certificate(
-                ssl.DER_cert_to_PEM_cert(der).encode(), self.policy
-            )
-        except Unauthenticated as e:
-            return f"the debug endpoint is for admins: {e}"
-        if identity.role is not Role.ADMIN:
-            log.warning("debug endpoint: refused %s (role %s)", identity.name, identity.role)
-            return f"the debug endpoint is for admins; {identity.name} is {identity.role}"
-        return None
-
-
-class _UnixServer(_Limited, socketserver.UnixStreamServer):
-    def __init__(self, sock: socket.socket, path: str, handler: type[BaseHTTPRequestHandler]):
-        self.setup_limits()
-        super().__init__(path, handler, bind_and_activate=False)
-        self.socket.close()
-        self.socket = sock
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        request.settimeout(CONNECTION_TIMEOUT)
-        creds = request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _, uid, _ = struct.unpack("3i", creds)
-        # The socket's mode already keeps other accounts out; this holds if it is ever widened.
-        self.peer.refused = (
-            None if uid in (0, os.geteuid()) else f"uid {uid} may not use the debug endpoint"
-        )
-        try:
-            super().finish_request(request, client_address)
-        finally:
-            self.peer.refused = None
-
-
-def _bind_unix(path: Path) -> socket.socket:
-    """A listening Unix socket at ``path``, mode 0600 from the start.
-
-    It is bound in a fresh 0700 directory next to ``path``, chmod-ed, then renamed into place,
-    so no other account can connect in between (no process-wide umask is touched). A stale
-    socket left by a daemon that died is replaced; a live one, or any other file, is not."""
-    if len(os.fsencode(path)) > 100:
-        raise InvalidArgument(f"debug socket path {path} is too long for a Unix socket")
-    with contextlib.suppress(FileNotFoundError):
-        mode = path.lstat().st_mode
-        if not stat.S_ISSOCK(mode):
-            raise HostError(f"debug socket {path} exists and is not a socket")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(str(path))
-            except ConnectionRefusedError:
-                path.unlink()  # stale
-            else:
-                raise HostError(f"debug socket {path} is in use by another process")
-    try:
-        scratch = Path(tempfile.mkdtemp(prefix=".dbg", dir=path.parent))
-    except OSError as e:
-        raise HostError(f"cannot create the debug socket in {path.parent}: {e.strerror}") from e
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        bound = scratch / "s"
-        sock.bind(str(bound))
-        os.chmod(bound, SOCKET_MODE)
-        sock.listen(socketserver.TCPServer.request_queue_size)
-        os.rename(bound, path)
-    except OSError as e:
-        sock.close()
-        with contextlib.suppress(OSError):
-            (scratch / "s").unlink()
-        raise HostError(f"cannot create the debug socket {path}: {e.strerror}") from e
-    finally:
-        scratch.rmdir()
-    return sock
-
-
-def _tls_context(material: Material) -> ssl.SSLContext:
-    """Server side of mutual TLS 1.3 with the gRPC server's CA, certificate and key."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(cadata=material.ca.decode())
-    # ssl loads a key only from a file: an anonymous memory file, never on disk.
-    fd = os.memfd_create("jobworker-debug-tls", os.MFD_CLOEXEC)
-    try:
-        os.write(fd, material.cert + b"\n" + material.key)
-        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-    finally:
-        os.close(fd)
-    return ctx
 
 
 class DebugServer:
