@@ -12,51 +12,36 @@ import builtins
 import contextlib
 import logging
 import os
-import resource
 import uuid
-from bisect import bisect_left, bisect_right
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 from jobworker.cgroup import controllers
 from jobworker.cgroup.discovery import own_cgroup_dir
-from jobworker.cgroup.tree import CgroupTree, open_procs
+from jobworker.cgroup.tree import CgroupTree
 from jobworker.cgroup.watch import EventsWatcher
-from jobworker.errors import (
-    HostError,
-    JobNotFound,
-    JobRunning,
-    JobworkerError,
-    ShuttingDown,
-)
-from jobworker.output import PumpThread, make_pipe, read_output
+from jobworker.ending import UNKNOWN_EXIT, supervise
+from jobworker.ending import now as _now
+from jobworker.errors import HostError, JobNotFound, JobRunning, ShuttingDown
+from jobworker.jobtable import JobTable, PageKey
+from jobworker.output import PumpThread, read_output
 from jobworker.recovery import recover
 from jobworker.retention import Removal, Retention, RetentionIndex
-from jobworker.runtime import Job, SendSignal, kill_until_empty, run_stop
-from jobworker.spawn import SpawnerDied, describe_wait_status
+from jobworker.runtime import Job, SendSignal, run_stop
 from jobworker.spawn.keeper import SpawnerKeeper
-from jobworker.spawn.lookup import resolve_command
-from jobworker.spec import DEADLINE_REASON, Credentials, JobSpec, JobState, JobStatus, Usage
+from jobworker.spec import DEADLINE_REASON, Credentials, JobSpec, JobState, JobStatus
+from jobworker.starting import abandon_start, masked, prepare, raise_nofile_limit
 from jobworker.store import Store
 from jobworker.units import format_duration
+
+__all__ = ["DEFAULT_STOP_GRACE", "UNKNOWN_EXIT", "JobManager", "PageKey"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STOP_GRACE = 2.0
-UNKNOWN_EXIT = (
-    "exit status unknown: the spawner died while the job ran; its end was seen through its cgroup"
-)
-DEFAULT_NOFILE = 1024
-"""A job's RLIMIT_NOFILE soft limit when ours before the raise is unknown (Linux's default)."""
-EOF_TIMEOUT = 2.0
-"""After the cgroup is empty, how long a pipe writer outside it may keep the output open."""
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 class JobManager:
@@ -95,11 +80,11 @@ class JobManager:
         self._hidden = hidden_paths
         """Masked in every sandbox: the state dir and the paths :meth:`open` was given."""
         self._job_nofile = job_nofile
-        """Every job's RLIMIT_NOFILE soft limit: ours before :func:`_raise_nofile_limit`."""
+        """Every job's RLIMIT_NOFILE soft limit: ours before :func:`raise_nofile_limit`."""
         self._send_signal: SendSignal = os.kill
         self._host_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobworker-start")
         self._host_io.submit(int).result()  # start its thread now, not in the first start
-        self._jobs: dict[str, Job] = _JobTable()
+        self._jobs: dict[str, Job] = JobTable()
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._starting: set[asyncio.Future[JobStatus]] = set()
@@ -151,7 +136,7 @@ class JobManager:
             tree = CgroupTree(cgroup_root or own_cgroup_dir(), cgroup_name)
             tree.setup()
             undo.callback(tree.teardown)
-            job_nofile = _raise_nofile_limit()
+            job_nofile = raise_nofile_limit()
             available = controllers.enable(tree.delegated, tree.parent)
             # After enable, which may move this process (and so its children) into a leaf.
             spawner = await SpawnerKeeper.start()
@@ -171,7 +156,7 @@ class JobManager:
                 stop_grace=stop_grace,
                 credentials=credentials or Credentials(),
                 max_log_bytes=max_log_bytes,
-                hidden_paths=_masked(state_dir, hidden_paths),
+                hidden_paths=masked(state_dir, hidden_paths),
                 job_nofile=job_nofile,
                 retention=retention,
                 clock=clock,
@@ -235,7 +220,7 @@ class JobManager:
         looked at. A job that starts meanwhile comes last, so a listing page by page sees
         every job that existed throughout, once (unless the clock went back)."""
         table = self._jobs
-        assert isinstance(table, _JobTable)
+        assert isinstance(table, JobTable)
         return table.page(after, limit, owner)
 
     async def remove(self, job_id: str) -> None:
@@ -286,7 +271,7 @@ class JobManager:
         # off the loop, so a hung mount stalls this start and not every other call.
         lookup = self._lookup_in_child(spec, creds)
         prep = await asyncio.get_running_loop().run_in_executor(
-            self._host_io, self._prepare, job_id, spec, env, lookup
+            self._host_io, prepare, self._store, self._tree, job_id, spec, env, lookup
         )
         group = prep.group
         try:
@@ -311,7 +296,7 @@ class JobManager:
                 os.close(prep.pipe_w)
                 os.close(prep.procs_fd)
         except BaseException:
-            await self._abandon_start(job_id, prep)
+            await abandon_start(self._store, self._tree, self._watcher, job_id, prep)
             raise
         log_fd, pipe_r = prep.log_fd, prep.pipe_r
         status = JobStatus(
@@ -339,44 +324,6 @@ class JobManager:
         except HostError:
             log.exception("job %s: record not written at start", job_id)
         return status
-
-    def _prepare(
-        self, job_id: str, spec: JobSpec, env: dict[str, str], lookup: bool = False
-    ) -> _Prepared:
-        """Everything a start needs before the spawn; all of it undone on failure. With
-        ``lookup`` the command and cwd are checked by the spawner's child instead."""
-        path = spec.argv[0] if lookup else resolve_command(spec.argv[0], env["PATH"], spec.cwd)
-        with contextlib.ExitStack() as undo:
-            log_fd = self._store.create(job_id)
-            undo.callback(self._store.discard, job_id)
-            undo.callback(_close_quietly, log_fd)
-            group = self._tree.create(job_id)
-            undo.callback(self._tree.try_remove, group)
-            controllers.apply(group, spec.limits)
-            pipe_r, pipe_w = make_pipe()
-            undo.callback(_close_quietly, pipe_r)
-            undo.callback(_close_quietly, pipe_w)
-            procs_fd = open_procs(group)
-            undo.pop_all()
-        return _Prepared(path, log_fd, group, pipe_r, pipe_w, procs_fd)
-
-    async def _abandon_start(self, job_id: str, prep: _Prepared) -> None:
-        """Undo a start whose spawn failed. A process may already run in the group (the
-        spawner can die between its spawn and its reply): no record knows it, so it is killed
-        before the group is removed."""
-        _close_quietly(prep.log_fd)
-        _close_quietly(prep.pipe_r)
-        try:
-            if self._tree.populated(prep.group):
-                log.warning("job %s: start failed with a process in its group; killing it", job_id)
-                async with asyncio.timeout(EOF_TIMEOUT):
-                    await kill_until_empty(self._tree, self._watcher, prep.group)
-            await self._tree.remove(prep.group)
-        except (JobworkerError, TimeoutError) as e:
-            log.error("job %s: cgroup %s of a failed start not removed: %s", job_id, prep.group, e)
-        finally:
-            self._watcher.unwatch(prep.group)
-            self._store.discard(job_id)
 
     @staticmethod
     def _lookup_in_child(spec: JobSpec, creds: Credentials) -> bool:
@@ -421,79 +368,7 @@ class JobManager:
 
     async def _supervise(self, job: Job, exit_status: asyncio.Future[int]) -> None:
         """Runs for the life of one job: a task (not a thread) woken by events only."""
-        group = job.group
-        assert group is not None and job.pump is not None
-        exit_code: int | None = None
-        sig: int | None = None
-        reason = ""
-        orphaned = False
-        try:
-            status = await exit_status
-            exit_code, sig = describe_wait_status(status)
-        except SpawnerDied:
-            # Its processes run on, re-parented: the job ends when its cgroup is empty, and
-            # how its main process ended cannot be known.
-            orphaned = True
-            reason = UNKNOWN_EXIT
-        except HostError as e:
-            reason = str(e)
-        usage: Usage | None = None
-        oom = False
-        try:
-            if orphaned:
-                while self._tree.populated(group):
-                    await self._watcher.changed(group)
-            elif self._tree.populated(group):
-                # A job has ended when its cgroup is empty: kill what its main process left.
-                await kill_until_empty(self._tree, self._watcher, group)
-        except JobworkerError as e:
-            log.exception("job %s: killing what is left failed", job.id)
-            reason = reason or str(e)
-        if not await job.pump.wait_eof(EOF_TIMEOUT):
-            log.warning("job %s: output still held open outside its cgroup", job.id)
-            await job.pump.abandon()
-        try:
-            usage = controllers.read_usage(group)
-            oom = controllers.oom_killed(group)
-        except JobworkerError as e:
-            log.exception("job %s: cleanup failed", job.id)
-            reason = reason or str(e)
-        finally:
-            self._watcher.unwatch(group)
-        try:
-            await self._tree.remove(group)
-        except HostError as e:
-            log.error("job %s: %s", job.id, e)
-        job.group = None
-        if job.stop_reason is not None:
-            state = JobState.STOPPED
-            reason = job.stop_reason + (f" ({UNKNOWN_EXIT})" if orphaned else "")
-        else:
-            state = JobState.EXITED
-        if job.pump.discarded:
-            reason += f" ({job.pump.discarded} further bytes of output were discarded)"
-        job.status = replace(
-            job.status,
-            state=state,
-            ended_at=_now(),
-            exit_code=exit_code,
-            signal=sig,
-            reason=reason,
-            oom_killed=oom,
-            usage=usage,
-            output_bytes=job.pump.size,
-        )
-        pump, job.pump = job.pump, None
-        try:
-            await self._store.save_async(job.spec, job.status)
-        except Exception:
-            log.exception("job %s: final record not written", job.id)
-        finally:
-            deadline = self._deadlines.pop(job.id, None)
-            if deadline is not None:
-                deadline.cancel()
-            job.ended.set()
-            pump.finish()
+        await supervise(job, exit_status, self._tree, self._watcher, self._store, self._deadlines)
         if self._retention is not None:
             self._retained(job.status, self._clock())
             await self._apply_retention()
@@ -606,114 +481,7 @@ class JobManager:
 
 _OPEN = object()
 
-PageKey = tuple[int, str]
-"""Where a job sits in :meth:`JobManager.list_page`'s order: (started_at in microseconds since
-the epoch, id)."""
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
-
-
-def page_key(status: JobStatus) -> PageKey:
-    started = status.started_at
-    if started.tzinfo is None:
-        started = started.replace(tzinfo=UTC)
-    return (started - _EPOCH) // _MICROSECOND, status.id
-
-
-class _JobTable(dict[str, Job]):
-    """The manager's jobs by id, and the same ordered by :func:`page_key`, all and per owner
-    (sorted lists: a page is a bisect and a slice). A job that arrives out of order (recovery
-    reads records in file-name order) is appended and its list sorted once, at the next page or
-    removal: a restart with 100 000 records costs one sort, not 100 000 insertions. Only
-    ``[]=`` and ``del`` keep the order: the manager uses nothing else to change its jobs."""
-
-    __slots__ = ("_by_owner", "_order", "_unsorted")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._order: list[PageKey] = []
-        self._by_owner: dict[str, list[PageKey]] = {}
-        self._unsorted: list[list[PageKey]] = []
-
-    def __setitem__(self, job_id: str, job: Job) -> None:
-        if job_id in self:
-            del self[job_id]
-        super().__setitem__(job_id, job)
-        key = page_key(job.status)
-        for keys in (self._order, self._by_owner.setdefault(job.spec.owner, [])):
-            if keys and key < keys[-1] and not any(k is keys for k in self._unsorted):
-                self._unsorted.append(keys)
-            keys.append(key)
-
-    def _sorted(self) -> None:
-        for keys in self._unsorted:
-            keys.sort()
-        self._unsorted.clear()
-
-    def __delitem__(self, job_id: str) -> None:
-        job = self[job_id]
-        super().__delitem__(job_id)
-        self._sorted()
-        key = page_key(job.status)
-        owned = self._by_owner[job.spec.owner]
-        for keys in (self._order, owned):
-            i = bisect_left(keys, key)
-            if i < len(keys) and keys[i] == key:
-                del keys[i]
-        if not owned:
-            del self._by_owner[job.spec.owner]
-
-    def page(
-        self, after: PageKey | None, limit: int, owner: str | None
-    ) -> tuple[list[JobStatus], PageKey | None]:
-        self._sorted()
-        keys = self._order if owner is None else self._by_owner.get(owner, [])
-        start = 0 if after is None else bisect_right(keys, after)
-        chosen = keys[start : start + limit + 1]
-        more = len(chosen) > limit
-        del chosen[limit:]
-        return [self[k[1]].snapshot() for k in chosen], (chosen[-1] if more and chosen else None)
-
-
-@dataclass(frozen=True, slots=True)
-class _Prepared:
-    path: str
-    log_fd: int
-    group: Path
-    pipe_r: int
-    pipe_w: int
-    procs_fd: int
-
 
 def _end_time(job: tuple[JobSpec, JobStatus]) -> datetime:
     status = job[1]
     return status.ended_at or status.started_at
-
-
-def _close_quietly(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)
-
-
-_nofile_before_raise: list[int] = []
-"""This process's RLIMIT_NOFILE soft limit before the first :func:`_raise_nofile_limit`."""
-
-
-def _raise_nofile_limit() -> int:
-    """Each follower holds an fd on its job's log: allow as many as the hard limit does.
-
-    Returns the soft limit this process had before the first raise: jobs get it back (a
-    program that still uses select() breaks past 1024 fds), whichever manager starts them."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if not _nofile_before_raise:
-        _nofile_before_raise.append(soft if soft != resource.RLIM_INFINITY else DEFAULT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return _nofile_before_raise[0]
-
-
-def _masked(state_dir: Path, hidden_paths: Sequence[Path]) -> tuple[str, ...]:
-    """What every sandbox masks, as absolute paths with symlinks resolved (mount follows
-    them anyway; resolved here, they name what the host sees at open time)."""
-    return tuple(os.path.realpath(p) for p in (state_dir, *hidden_paths))

@@ -14,7 +14,7 @@ import pytest
 
 from jobworker import InvalidArgument
 from jobworker.client import Client
-from jobworker.manager import _JobTable, page_key
+from jobworker.jobtable import JobTable, page_key
 from jobworker.runtime import Job
 from jobworker.server import service
 from jobworker.server.daemon import Daemon
@@ -172,7 +172,7 @@ def test_a_page_looks_only_at_its_own_jobs(monkeypatch: pytest.MonkeyPatch) -> N
     """The manager's index: a page snapshots ``limit`` jobs (+0), whatever the total; order is
     by start time even when jobs arrive out of order (recovery); removal keeps it."""
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
-    table = _JobTable()
+    table = JobTable()
     for n in range(20_000):
         table[f"job-{n:06d}"] = _job(n, "alice" if n % 4 else "bob", t0 + timedelta(seconds=n))
     late = _job(999_999, "bob", t0 - timedelta(days=1))  # recovered, older than all

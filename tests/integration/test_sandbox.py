@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-import jobworker.manager as manager_module
+import jobworker.starting as starting_module
 from jobworker import Credentials, JobManager, JobSpec, JobState, SpawnError
 from jobworker.spec import JobStatus, Network, Sandbox
 from tests.conftest import cgroup2_usable, new_threads, open_fds, wait_for
@@ -309,7 +309,7 @@ async def test_jobs_get_the_nofile_soft_limit_from_before_the_raise(
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < 1001:
         pytest.skip(f"hard RLIMIT_NOFILE {hard} leaves no room for a raise")
-    monkeypatch.setattr(manager_module, "_nofile_before_raise", [])
+    monkeypatch.setattr(starting_module, "_nofile_before_raise", [])
     resource.setrlimit(resource.RLIMIT_NOFILE, (1000, hard))
     try:
         async with opened(tmp_path / "state", cgroup_name) as mgr:

@@ -33,11 +33,13 @@ def test_core_library_does_not_import_grpc() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_spawner_script_imports_only_the_standard_library() -> None:
-    import jobworker.spawn.child as spawner
-
+@pytest.mark.parametrize("script", ["child.py", "sandbox_child.py"])
+def test_spawner_script_imports_only_the_standard_library(script: str) -> None:
+    """child.py runs as a plain script and loads sandbox_child.py by path: neither may import
+    anything from jobworker."""
+    path = str(SRC / "spawn" / script)
     code = (
-        f"import runpy, sys; runpy.run_path({spawner.__file__!r}, run_name='not_main');"
+        f"import runpy, sys; runpy.run_path({path!r}, run_name='not_main');"
         "print(sorted(m for m in sys.modules if m.startswith('jobworker')))"
     )
     out = subprocess.run(

@@ -16,7 +16,7 @@ from typing import cast
 import pytest
 
 from jobworker import SpawnError
-from jobworker.spawn import Spawner
+from jobworker.spawn import Spawner, sandbox_child
 from jobworker.spawn import child as spawner_script
 from jobworker.spec import Credentials, Network, Sandbox
 
@@ -122,7 +122,7 @@ def test_the_script_reports_the_status_an_init_relayed(
 ) -> None:
     s = socketpair_spawner
     relayed_r, relayed_w = os.pipe2(os.O_NONBLOCK)
-    os.write(relayed_w, spawner_script.STATUS.pack(15))  # the job: killed by SIGTERM
+    os.write(relayed_w, sandbox_child.STATUS.pack(15))  # the job: killed by SIGTERM
     os.close(relayed_w)
     killed_r, killed_w = os.pipe2(os.O_NONBLOCK)
     os.close(killed_w)  # an init killed before it could write

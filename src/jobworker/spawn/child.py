@@ -33,7 +33,8 @@ events: ``("exit", pid, status)``. For a sandboxed job ``pid`` is its init's (th
 process is the init's child, PID 2 of the namespace) and ``status`` the main process's own raw
 wait status, relayed by the init (see :meth:`Spawner.spawn_sandboxed`).
 
-This file must import nothing from jobworker: it runs as a plain script.
+This file must import nothing from jobworker: it runs as a plain script. Its sandbox half,
+``sandbox_child.py`` beside it (the same rule holds there), is loaded by path.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import array
 import contextlib
 import ctypes
 import errno
-import fcntl
+import importlib.util
 import marshal
 import os
 import resource
@@ -51,45 +52,39 @@ import signal
 import socket
 import struct
 import sys
+import types
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+
+def _sibling(name: str) -> types.ModuleType:
+    """A module of this directory, loaded by path: run as ``python -I -S child.py``, this
+    file's directory is not on sys.path (and nothing from jobworker may be imported)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"jobworker_spawner_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+if TYPE_CHECKING:  # the type checker's view; at run time it is loaded by path, below
+    from jobworker.spawn import sandbox_child
+else:
+    sandbox_child = _sibling("sandbox_child")
+
+_options = sandbox_child.options
+_check = sandbox_child.check
+_read_report = sandbox_child.read_report
+
 
 HEADER = struct.Struct(">I")
 MAX_MESSAGE = 8 * 1024 * 1024
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
-PR_SET_NAME = 15
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAPBSET_DROP = 24
 CAP_SYS_ADMIN = 21
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_REMOUNT = 0x20
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_PRIVATE = 0x40000
-SIOCGIFFLAGS = 0x8913
-SIOCSIFFLAGS = 0x8914
-IFF_UP = 0x1
-IFREQ = struct.Struct("16sH22x")  # struct ifreq: the name, then ifr_flags in the union
-STATUS = struct.Struct("i")
-FORWARDED = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
-"""What a sandbox's init passes on to the job's main process (the rest would be lost on it:
-a namespace's PID 1 ignores signals it has no handler for)."""
 LOOKUP_SKIP = (errno.ENOENT, errno.ENOTDIR, errno.EACCES)
 """execve errors that mean "not this file": a PATH search tries the next entry."""
 
@@ -154,7 +149,7 @@ def _ignored_signals() -> tuple[int, ...]:
     )
 
 
-class Spawner:
+class Spawner(sandbox_child.Sandboxing):
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -279,146 +274,6 @@ class Spawner:
             return ("err", req_id, err, stage)
         return ("ok", req_id, pid)
 
-    def spawn_sandboxed(self, msg: tuple[Any, ...], procs_fd: int, out_fd: int) -> tuple[Any, ...]:
-        """A job in namespaces of its own, behind a minimal init.
-
-        The spawner unshares CLONE_NEWPID for itself (that only changes where its next child
-        is born), forks, and goes straight back to its own PID namespace (setns on the fd it
-        opened at the first sandbox). The child is PID 1 of the new namespace: the job's
-        init (:meth:`_init`). It joins the job's cgroup, makes the mount, IPC, UTS (and with
-        ``net``, network) namespaces, then forks the job's main process (PID 2), which sets
-        itself up like a forked job (:meth:`_child`) and execs.
-
-        The init cannot die of the job's signal (a namespace's PID 1 is immune to its own), so
-        it writes the job's raw wait status to a pipe whose read end the spawner keeps; when it
-        reaps the init, the spawner reports that status instead of the init's own. An init
-        killed before it could write (``cgroup.kill``) reports its own (SIGKILL, as the job's).
-        """
-        req_id = msg[1]
-        try:
-            err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        except OSError as e:
-            return ("err", req_id, e.errno or errno.EIO, "pipe")
-        status_r = status_w = -1
-        pid = -1
-        report = b""
-        try:
-            try:
-                status_r, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-            except OSError as e:
-                return ("err", req_id, e.errno or errno.EIO, "pipe")
-            try:
-                if self.pid_ns < 0:
-                    self.pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-                _check(self.libc.unshare(CLONE_NEWPID))
-            except OSError as e:
-                return ("err", req_id, e.errno or errno.EIO, "namespace")
-            try:
-                pid = os.fork()
-            except OSError as e:
-                return ("err", req_id, e.errno or errno.EIO, "fork")
-            finally:
-                # Every later child must be born in our namespace again; if that cannot be
-                # undone, dying is the safe answer (the daemon sees EOF and starts another).
-                if pid != 0 and self.libc.setns(self.pid_ns, CLONE_NEWPID) != 0:
-                    os._exit(70)
-            if pid == 0:
-                self._init(procs_fd, out_fd, err_w, status_w, msg)
-            os.close(err_w)
-            err_w = -1
-            os.close(status_w)
-            status_w = -1
-            report = _read_report(err_r)
-            if not report:
-                self.status_pipes[pid] = status_r
-        finally:
-            os.close(err_r)
-            for fd in (err_w, status_w):
-                if fd >= 0:
-                    os.close(fd)
-            if status_r >= 0 and pid not in self.status_pipes:
-                os.close(status_r)
-        if report:
-            os.waitpid(pid, 0)
-            err, stage = marshal.loads(report)
-            return ("err", req_id, err, stage)
-        return ("ok", req_id, pid)
-
-    def exit_status(self, pid: int, status: int) -> int:
-        """The status to report for a reaped child: a sandbox init's relayed one, if any."""
-        fd = self.status_pipes.pop(pid, -1)
-        if fd < 0:
-            return status
-        try:
-            data = os.read(fd, STATUS.size)
-        except BlockingIOError:
-            data = b""
-        finally:
-            os.close(fd)
-        return STATUS.unpack(data)[0] if len(data) == STATUS.size else status
-
-    def _init(
-        self, procs_fd: int, out_fd: int, err_w: int, status_w: int, msg: tuple[Any, ...]
-    ) -> None:
-        """PID 1 of a sandbox: set up the namespaces, fork the job, then be its init."""
-        stage = "cgroup"
-        try:
-            sandbox = _options(msg)["sandbox"]
-            os.close(self.sock.fileno())
-            signal.set_wakeup_fd(-1)
-            os.write(procs_fd, b"0")
-            stage = "namespace"
-            flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
-            _check(self.libc.unshare(flags | (CLONE_NEWNET if sandbox["net"] else 0)))
-            stage = "mount"
-            self._mounts(sandbox["hide"])
-            if sandbox["net"]:
-                stage = "network"
-                _loopback_up()
-            stage = "setsid"
-            os.setsid()
-            self.libc.prctl(PR_SET_NAME, b"jobworker-init", 0, 0, 0)
-            # Held until the handlers below know the job's pid; the job unblocks them itself.
-            signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
-            stage = "fork"
-            job = os.fork()
-            if job == 0:
-                os.close(status_w)
-                self._child(procs_fd, out_fd, err_w, msg, True)
-        except OSError as e:
-            os.write(err_w, marshal.dumps((e.errno or errno.EIO, stage)))
-            os._exit(127)
-        except BaseException:  # never back into the spawner's loop: this is not the spawner
-            with contextlib.suppress(BaseException):
-                os.write(err_w, marshal.dumps((errno.EIO, stage)))
-            os._exit(127)
-        try:
-            _relay(job, status_w)
-        finally:
-            os._exit(1)
-
-    def _mounts(self, hide: list[bytes]) -> None:
-        """The sandbox's file system view, in its new mount namespace."""
-        mount = self.libc.mount
-        # First: nothing below may propagate back to the host's mounts.
-        _check(mount(None, b"/", None, MS_REC | MS_PRIVATE, None))
-        for path in hide:
-            try:
-                is_dir = os.path.isdir(path) if os.path.lexists(path) else None
-            except OSError:
-                is_dir = None
-            if is_dir is None:
-                continue
-            hidden = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
-            if is_dir:
-                _check(mount(b"tmpfs", path, b"tmpfs", hidden, b"mode=0555,size=4k"))
-            else:
-                _check(mount(b"/dev/null", path, None, MS_BIND, None))
-                _check(mount(None, path, None, MS_REMOUNT | MS_BIND | hidden, None))
-        for path in (b"/tmp", b"/dev/shm"):
-            _check(mount(b"tmpfs", path, b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=1777"))
-        _check(mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None))
-
     def _child(
         self, procs_fd: int, out_fd: int, err_w: int, msg: tuple[Any, ...], sandboxed: bool
     ) -> None:
@@ -480,23 +335,6 @@ class Spawner:
             os._exit(127)
 
 
-def _options(msg: tuple[Any, ...]) -> dict[str, Any]:
-    return msg[10] if len(msg) > 10 and msg[10] is not None else {}
-
-
-def _check(ret: int) -> None:
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def _read_report(err_r: int) -> bytes:
-    report = b""
-    while chunk := os.read(err_r, 4096):  # EOF at exec: the pipe is close-on-exec
-        report += chunk
-    return report
-
-
 def _runnable(path: bytes) -> bool:
     """What shutil.which accepts (the root-side lookup's rule), seen with our credentials."""
     return os.access(path, os.X_OK) and not os.path.isdir(path)
@@ -528,39 +366,6 @@ def _lookup_exec(
                 if err not in LOOKUP_SKIP or _runnable(candidate):
                     return err, "exec"
     return errno.ENOENT, "not-in-path"
-
-
-def _loopback_up() -> None:
-    """``ip link set lo up``, by ioctl: a new network namespace's loopback starts down."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        flags = IFREQ.unpack(fcntl.ioctl(s, SIOCGIFFLAGS, IFREQ.pack(b"lo", 0)))[1]
-        fcntl.ioctl(s, SIOCSIFFLAGS, IFREQ.pack(b"lo", flags | IFF_UP))
-
-
-def _relay(job: int, status_w: int) -> None:
-    """The init's life: forward signals to the job, reap every process of the namespace, and
-    when the job's main process ends, write its raw wait status and exit (the kernel then kills
-    what is left in the namespace; the manager kills what is left in the cgroup anyway)."""
-    os.closerange(0, status_w)
-    os.closerange(status_w + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
-
-    def forward(sig: int, _frame: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(job, sig)
-
-    for sig in FORWARDED:
-        signal.signal(sig, forward)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
-    status = 0
-    while True:
-        try:
-            pid, status = os.waitpid(-1, 0)
-        except ChildProcessError:  # cannot happen before the job is reaped; be safe
-            break
-        if pid == job:
-            break
-    os.write(status_w, STATUS.pack(status))
-    os._exit(0)
 
 
 def _reap(spawner: Spawner) -> None:
