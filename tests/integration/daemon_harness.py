@@ -25,7 +25,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from jobworker import JobManager
 from jobworker.client import Client
-from jobworker.client.pki import _issue, init_pki, load_ca, write_pair
+from jobworker.client.issuing import _issue
+from jobworker.client.pki import init_pki, load_ca, write_pair
 from jobworker.server.daemon import Config, Daemon, serve
 from jobworker.tls import Paths
 from tests.conftest import cgroup2_usable, wait_for

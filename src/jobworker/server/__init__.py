@@ -1,2 +1,3 @@
 """What only the daemon runs: the gRPC service, authorisation, accounts, the limit policy, the
-debug endpoint and the ``workerd`` entry point (:mod:`jobworker.server.daemon`)."""
+debug endpoint, the daemon (:mod:`jobworker.server.daemon`) and its ``workerd`` command line
+(:mod:`jobworker.server.cli`)."""

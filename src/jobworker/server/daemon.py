@@ -1,10 +1,12 @@
 """``workerd``: the jobworker daemon.
 
 The entry point is a library function, :func:`serve`, so tests (and embedders) run a real daemon
-in-process; :func:`main` is the command line around it. Shutdown (SIGTERM/SIGINT, or
-:meth:`Daemon.close`): stop accepting RPCs, stop the running jobs (so their followers' streams
-and waits end cleanly with the final bytes and status), give in-flight RPCs a moment to finish,
-remove the cgroups. Logs and records stay in the state directory for the next start.
+in-process; :func:`main` (in :mod:`jobworker.server.cli`, re-exported here) is the command
+line around it, and :class:`Config` (in :mod:`jobworker.server.daemon_config`, also re-exported)
+its settings. Shutdown (SIGTERM/SIGINT, or :meth:`Daemon.close`): stop accepting RPCs, stop the
+running jobs (so their followers' streams and waits end cleanly with the final bytes and status),
+give in-flight RPCs a moment to finish, remove the cgroups. Logs and records stay in the state
+directory for the next start.
 
 Reload (SIGHUP, or :meth:`Daemon.reload`) re-reads the CRL, the policy file and the server
 certificate, key and CA, and applies them all or (when one is bad) none; running jobs, streams
@@ -16,113 +18,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import signal
-import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
-
-import click
 
 from jobworker.cgroup import controllers
 from jobworker.cgroup.devices import resolve_limits
 from jobworker.errors import InvalidArgument, JobworkerError, LimitUnavailable
-from jobworker.identity import Role
 from jobworker.limits import Limits
-from jobworker.manager import DEFAULT_STOP_GRACE, JobManager
-from jobworker.retention import DEFAULT_SWEEP_INTERVAL, Retention
-from jobworker.server import config as config_file
-from jobworker.server import logs, service
-from jobworker.server.accounts import DEFAULT_UID_RANGE, Accounts, IdentityUids, UidRange
+from jobworker.manager import JobManager
+from jobworker.retention import Retention
+from jobworker.server import service
+from jobworker.server.accounts import Accounts, IdentityUids
 from jobworker.server.authz import Policy, Revocations
+from jobworker.server.cli import main
+from jobworker.server.daemon_config import Config
 from jobworker.server.debug import DebugServer, Metrics
 from jobworker.server.policy import effective_limits
 from jobworker.server.quotas import Quotas
-from jobworker.spec import JobState, Network
-from jobworker.tls import Material, Paths, load_server
-from jobworker.units import parse_duration, parse_size
+from jobworker.spec import JobState
+from jobworker.tls import Material, load_server
+from jobworker.units import parse_duration
+
+__all__ = ["RPC_DRAIN_SECONDS", "Config", "Daemon", "main", "run", "serve"]
 
 log = logging.getLogger("jobworker.server.daemon")
-T = TypeVar("T")
 
-DEFAULT_LISTEN = "127.0.0.1:50051"
-DEFAULT_STATE_DIR = Path("/var/lib/jobworker")
-DEFAULT_RETAIN_FOR = "7d"
-DEFAULT_RETAIN_JOBS = 10_000
-DEFAULT_MAX_LOG_BYTES = "1G"
-"""A job's output cap: far below a typical disk's free space, so one job cannot fill it,
-and far above what a job's log is normally read for."""
-DEFAULT_MAX_LOG_BYTES_PER_USER = "10G"
-OFF = "off"
 RPC_DRAIN_SECONDS = 5.0
 """After the jobs have stopped, how long in-flight RPCs (a Logs stream sending its last bytes)
 may run before they are cancelled."""
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    tls: Paths
-    crl: Path | None = None
-    """X.509 CRL of revoked client certificates, signed by the CA; ``None``: ``crl.pem`` next
-    to the server certificate, whenever it exists (at start and at each reload)."""
-    listen: str = DEFAULT_LISTEN
-    state_dir: Path = DEFAULT_STATE_DIR
-    cgroup_root: Path | None = None
-    """The delegated cgroup to work in; default: the daemon's own."""
-    cgroup_name: str = "jobworker"
-    stop_grace: float = DEFAULT_STOP_GRACE
-    retain_for: timedelta | None = field(
-        default_factory=lambda: timedelta(seconds=parse_duration(DEFAULT_RETAIN_FOR))
-    )
-    """Ended jobs older than this are removed (record and log); ``None``: no age limit."""
-    retain_jobs: int | None = DEFAULT_RETAIN_JOBS
-    """At most this many ended jobs are kept, the oldest removed first; ``None``: no limit."""
-    max_log_bytes: int | None = field(default_factory=lambda: parse_size(DEFAULT_MAX_LOG_BYTES))
-    """A job whose output goes past this is stopped, the reason in its status."""
-    max_log_bytes_per_user: int | None = field(
-        default_factory=lambda: parse_size(DEFAULT_MAX_LOG_BYTES_PER_USER)
-    )
-    """The logs of one identity's ended jobs keep at most this many bytes (oldest removed)."""
-    retention_sweep: float = DEFAULT_SWEEP_INTERVAL
-    """Seconds between sweeps for jobs past ``retain_for``."""
-    clock: Callable[[], datetime] | None = None
-    """What ages are measured against (default: the wall clock; tests pass one they move)."""
-    default_limits: Limits = field(default_factory=Limits)
-    max_limits: Limits = field(default_factory=Limits)
-    max_running_per_user: int | None = None
-    """Running jobs an identity may have at once; ``None`` = no quota."""
-    max_streams_per_user: int | None = None
-    """Logs and Wait calls an identity may have open at once; ``None`` = no quota."""
-    max_starts_per_second_per_user: float | None = None
-    """Starts per second per identity (a token bucket, bursts of up to max(1, rate))."""
-    quota_clock: Callable[[], float] | None = None
-    """The start buckets' clock (seconds, monotonic); ``None``: time.monotonic. For tests."""
-    policy_file: Path | None = None
-    max_runtime: float | None = None
-    """Seconds a job may run at most, and the deadline of a job that asks for none; the
-    policy's ``[runtime]`` entry for a role replaces it for that role. ``None``: no cap."""
-    job_account: str | None = None
-    """Unix account (``user[:group]``) for every identity the policy does not map, instead of
-    its own uid (``None``, the default: each identity gets a uid from ``uid_range``). A daemon
-    that is not root can only run jobs as itself, so it must name its own user here."""
-    uid_range: UidRange = DEFAULT_UID_RANGE
-    """Where identities' own uids come from (gid = uid); recorded in STATE/identities.json."""
-    debug_socket: Path | None = None
-    """Unix socket (mode 0600, the daemon's user only) for /metrics and /debug/*; ``None`` =
-    off. ``STATE_DIR/debug.sock`` is a good place: the state dir is the daemon's alone."""
-    debug_address: str | None = None
-    """``HOST:PORT`` on loopback for the same over HTTPS with mutual TLS (the daemon's CA and
-    server certificate; admin client certificates only); ``None`` = off."""
-    default_network: Network = Network.HOST
-    """The network of a sandboxed job that does not ask for one."""
-    host_network_roles: frozenset[Role] = frozenset(Role)
-    """Roles whose jobs may use the host's network."""
 
 
 def _secrets(config: Config) -> list[Path]:
@@ -435,357 +363,6 @@ async def run(config: Config) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await daemon.close()
-
-
-# -- command line -----------------------------------------------------------------------------
-
-
-def _limits(
-    cpu: str | None, weight: str | None, memory: str | None, io: Sequence[str], pids: str | None
-) -> Limits:
-    return Limits.parse(cpu=cpu, cpu_weight=weight, memory=memory, io=io, pids=pids)
-
-
-def _off(text: str, parse: Callable[[str], T]) -> T | None:
-    """``parse(text)``, or ``None`` for ``off`` (no limit)."""
-    return None if text.strip().lower() == OFF else parse(text)
-
-
-def _retain_jobs(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise InvalidArgument(
-            f"--retain-jobs: {text!r} is not a whole number of jobs from 1 up; use e.g. 10000, "
-            "or off for no limit"
-        )
-    return int(text)
-
-
-def _env(name: str) -> str:
-    return f"WORKERD_{name}"
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option(
-    "--listen", default=DEFAULT_LISTEN, envvar=_env("LISTEN"), help="HOST:PORT to serve gRPC on."
-)
-@click.option(
-    "--pki",
-    type=click.Path(file_okay=False, path_type=Path),
-    envvar=_env("PKI"),
-    help="A `worker certs init` directory: uses ca.pem, server.pem and server-key.pem.",
-)
-@click.option(
-    "--ca",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar=_env("CA"),
-    help="CA certificate that client certificates must chain to.",
-)
-@click.option(
-    "--cert",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar=_env("CERT"),
-    help="Server certificate (ECDSA, serverAuth).",
-)
-@click.option(
-    "--key",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar=_env("KEY"),
-    help="Server private key.",
-)
-@click.option(
-    "--crl",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar=_env("CRL"),
-    help="X.509 CRL (PEM or DER, signed by the CA) of revoked client certificates; re-read on "
-    "SIGHUP, like --policy and the server certificate.  [default: crl.pem next to the server "
-    "certificate, when it exists]",
-)
-@click.option(
-    "--state-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_STATE_DIR,
-    envvar=_env("STATE_DIR"),
-    help="Job records and logs.",
-)
-@click.option(
-    "--cgroup-root",
-    type=click.Path(file_okay=False, path_type=Path),
-    envvar=_env("CGROUP_ROOT"),
-    help="Delegated cgroup v2 directory to work in  [default: the daemon's own cgroup]",
-)
-@click.option(
-    "--cgroup-name",
-    default="jobworker",
-    envvar=_env("CGROUP_NAME"),
-    help="Name of the daemon's group under the cgroup root.",
-)
-@click.option(
-    "--stop-grace",
-    type=click.FloatRange(0, 3600),
-    default=DEFAULT_STOP_GRACE,
-    envvar=_env("STOP_GRACE"),
-    help="Seconds between SIGTERM and SIGKILL when stopping a job.",
-)
-@click.option(
-    "--retain-for",
-    default=DEFAULT_RETAIN_FOR,
-    envvar=_env("RETAIN_FOR"),
-    metavar="DURATION",
-    help="Ended jobs older than this are removed, record and log (30s, 10m, 12h, 7d; off).",
-)
-@click.option(
-    "--retain-jobs",
-    default=str(DEFAULT_RETAIN_JOBS),
-    envvar=_env("RETAIN_JOBS"),
-    metavar="N",
-    help="Most ended jobs kept; past it the oldest are removed (off: no limit).",
-)
-@click.option(
-    "--max-log-bytes",
-    default=DEFAULT_MAX_LOG_BYTES,
-    envvar=_env("MAX_LOG_BYTES"),
-    metavar="SIZE",
-    help="A job whose output goes past this is stopped, with the reason (e.g. 512M; off).",
-)
-@click.option(
-    "--max-log-bytes-per-user",
-    default=DEFAULT_MAX_LOG_BYTES_PER_USER,
-    envvar=_env("MAX_LOG_BYTES_PER_USER"),
-    metavar="SIZE",
-    help="Most log bytes one identity's ended jobs keep; past it its oldest are removed (off).",
-)
-@click.option(
-    "--policy",
-    "policy_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar=_env("POLICY"),
-    help='TOML file: [roles] NAME = "ROLE" overrides certificate roles; [run_as.identities] '
-    'NAME = "user[:group]" and [run_as.roles] ROLE = "user[:group]" pick the Unix account '
-    "an identity's jobs run as.",
-)
-@click.option(
-    "--max-runtime",
-    envvar=_env("MAX_RUNTIME"),
-    metavar="DURATION",
-    help="Longest a job may run (e.g. 30s, 10m, 1.5h): a job asking for more is refused, one "
-    'asking for none gets it as its deadline. The policy\'s [runtime] ROLE = "DURATION" '
-    "replaces it for a role.  [default: no cap]",
-)
-@click.option(
-    "--job-user",
-    envvar=_env("JOB_USER"),
-    help="Unix account (user[:group]) for the jobs of every identity the policy does not map, "
-    "instead of a uid of its own. Jobs run as root only if this or the policy says root.  "
-    "[default: each identity its own uid from --uid-range]",
-)
-@click.option(
-    "--uid-range",
-    default=str(DEFAULT_UID_RANGE),
-    envvar=_env("UID_RANGE"),
-    metavar="FIRST-LAST",
-    help="uids (gid = uid) the daemon gives identities, one each, recorded in "
-    "STATE/identities.json; no account of the host may be in it (those uids are skipped).",
-)
-@click.option(
-    "--default-cpu", envvar=_env("DEFAULT_CPU"), help="CPU cores for jobs that ask for none."
-)
-@click.option(
-    "--default-cpu-weight",
-    envvar=_env("DEFAULT_CPU_WEIGHT"),
-    help="cpu.weight for jobs that ask for none.",
-)
-@click.option(
-    "--default-memory",
-    envvar=_env("DEFAULT_MEMORY"),
-    help="Memory (e.g. 512M) for jobs that ask for none.",
-)
-@click.option(
-    "--default-io",
-    multiple=True,
-    envvar=_env("DEFAULT_IO"),
-    help="DEV=RATE or DEV=KEY=VALUE,... for jobs that ask for none; repeatable.",
-)
-@click.option(
-    "--default-pids", envvar=_env("DEFAULT_PIDS"), help="Task limit for jobs that ask for none."
-)
-@click.option("--max-cpu", envvar=_env("MAX_CPU"), help="Most CPU cores a job may ask for.")
-@click.option(
-    "--max-cpu-weight", envvar=_env("MAX_CPU_WEIGHT"), help="Highest cpu.weight a job may ask for."
-)
-@click.option("--max-memory", envvar=_env("MAX_MEMORY"), help="Most memory a job may ask for.")
-@click.option(
-    "--max-io",
-    multiple=True,
-    envvar=_env("MAX_IO"),
-    help="Highest io rates a job may ask for, per device; repeatable.",
-)
-@click.option("--max-pids", envvar=_env("MAX_PIDS"), help="Most tasks a job may ask for.")
-@click.option(
-    "--max-running-per-user",
-    type=click.IntRange(min=1),
-    envvar=_env("MAX_RUNNING_PER_USER"),
-    help="Most jobs one identity may have running at once (more: RESOURCE_EXHAUSTED).  "
-    "[default: no quota]",
-)
-@click.option(
-    "--max-streams-per-user",
-    type=click.IntRange(min=1),
-    envvar=_env("MAX_STREAMS_PER_USER"),
-    help="Most Logs/Wait calls one identity may have open at once.  [default: no quota]",
-)
-@click.option(
-    "--max-starts-per-second-per-user",
-    type=click.FloatRange(min=0, min_open=True),
-    envvar=_env("MAX_STARTS_PER_SECOND_PER_USER"),
-    help="Starts per second one identity may make (bursts of up to max(1, R)).  "
-    "[default: no quota]",
-)
-@click.option(
-    "--debug-socket",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar=_env("DEBUG_SOCKET"),
-    help="Unix socket (mode 0600) for /metrics and /debug/* (off by default), e.g. "
-    "STATE_DIR/debug.sock; curl --unix-socket PATH http://localhost/metrics.",
-)
-@click.option(
-    "--debug-addr",
-    envvar=_env("DEBUG_ADDR"),
-    help="Loopback HOST:PORT serving the same over HTTPS with mutual TLS, admin client "
-    "certificates only (off by default), e.g. 127.0.0.1:6060.",
-)
-@click.option(
-    "--default-network",
-    type=click.Choice([n.value for n in Network]),
-    default=Network.HOST.value,
-    envvar=_env("DEFAULT_NETWORK"),
-    help="Network of a job that asks for none: the host's, or none (only loopback, its own).",
-)
-@click.option(
-    "--config",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar=_env("CONFIG"),
-    is_eager=True,
-    expose_value=False,
-    callback=config_file.callback,
-    help="TOML file with any of these options as keys: the long name without dashes, e.g. "
-    'max-memory = "8G", default-io = ["/dev/sda=10M"]. Flags win over WORKERD_* variables, '
-    "which win over the file.",
-)
-@click.option(
-    "--print-config",
-    is_flag=True,
-    help="Print every setting with where it came from (flag, env, file, default), and exit.",
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(logs.FORMATS),
-    default="text",
-    envvar=_env("LOG_FORMAT"),
-    help="text, or json: one object per line (audit lines with their fields as keys).",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    envvar=_env("LOG_LEVEL"),
-)
-def main(
-    listen: str,
-    pki: Path | None,
-    ca: Path | None,
-    cert: Path | None,
-    key: Path | None,
-    crl: Path | None,
-    state_dir: Path,
-    cgroup_root: Path | None,
-    cgroup_name: str,
-    stop_grace: float,
-    retain_for: str,
-    retain_jobs: str,
-    max_log_bytes: str,
-    max_log_bytes_per_user: str,
-    policy_file: Path | None,
-    max_runtime: str | None,
-    job_user: str | None,
-    uid_range: str,
-    default_cpu: str | None,
-    default_cpu_weight: str | None,
-    default_memory: str | None,
-    default_io: tuple[str, ...],
-    default_pids: str | None,
-    max_cpu: str | None,
-    max_cpu_weight: str | None,
-    max_memory: str | None,
-    max_io: tuple[str, ...],
-    max_pids: str | None,
-    max_running_per_user: int | None,
-    max_streams_per_user: int | None,
-    max_starts_per_second_per_user: float | None,
-    debug_socket: Path | None,
-    debug_addr: str | None,
-    default_network: str,
-    print_config: bool,
-    log_format: str,
-    log_level: str,
-) -> None:
-    """Serve jobworker over gRPC with mutual TLS 1.3.
-
-    Needs root (or a delegated cgroup v2 subtree) to create cgroups. Every option can also be
-    given in the environment as WORKERD_<OPTION>, e.g. WORKERD_LISTEN=127.0.0.1:50051.
-    """
-    if print_config:
-        click.echo("\n".join(config_file.describe(click.get_current_context())))
-        return
-    logs.setup(log_level, log_format)
-    if pki is None and not (ca and cert and key):
-        raise click.UsageError("give --pki DIR, or all of --ca, --cert and --key")
-    paths = Paths.from_pki(pki, "server") if pki else Paths(ca, cert, key)  # type: ignore[arg-type]
-    paths = Paths(ca or paths.ca, cert or paths.cert, key or paths.key)
-    try:
-        config = Config(
-            tls=paths,
-            crl=crl,
-            listen=listen,
-            state_dir=state_dir,
-            cgroup_root=cgroup_root,
-            cgroup_name=cgroup_name,
-            stop_grace=stop_grace,
-            retain_for=_off(
-                retain_for, lambda v: timedelta(seconds=parse_duration(v, "--retain-for"))
-            ),
-            retain_jobs=_off(retain_jobs, _retain_jobs),
-            max_log_bytes=_off(max_log_bytes, lambda v: parse_size(v, "--max-log-bytes")),
-            max_log_bytes_per_user=_off(
-                max_log_bytes_per_user, lambda v: parse_size(v, "--max-log-bytes-per-user")
-            ),
-            default_limits=_limits(
-                default_cpu, default_cpu_weight, default_memory, default_io, default_pids
-            ),
-            max_limits=_limits(max_cpu, max_cpu_weight, max_memory, max_io, max_pids),
-            max_running_per_user=max_running_per_user,
-            max_streams_per_user=max_streams_per_user,
-            max_starts_per_second_per_user=max_starts_per_second_per_user,
-            policy_file=policy_file,
-            max_runtime=(
-                None if max_runtime is None else parse_duration(max_runtime, "--max-runtime")
-            ),
-            job_account=job_user,
-            uid_range=UidRange.parse(uid_range),
-            debug_socket=debug_socket,
-            debug_address=debug_addr,
-            default_network=Network(default_network),
-        )
-        asyncio.run(run(config))
-        # A failed RPC leaves reference cycles (error -> traceback -> frames -> call) holding
-        # grpc objects; left to the interpreter's exit they make grpc's shutdown take ~2 s
-        # (measured: an idle daemon that had answered one NOT_FOUND took 2.2 s to exit).
-        gc.collect()
-    except JobworkerError as e:
-        click.echo(f"workerd: {e}", err=True)
-        sys.exit(1)
-    except OSError as e:
-        click.echo(f"workerd: {e}", err=True)
-        sys.exit(1)
 
 
 if __name__ == "__main__":
