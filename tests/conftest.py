@@ -11,6 +11,7 @@ import jobworker.server.tls13  # noqa: F401
 # isort: on
 import asyncio
 import os
+import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,11 @@ os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", "/var/tmp")
 
 from jobworker import JobManager
 from jobworker.cgroup.discovery import own_cgroup_dir
+
+JOB_PYTHON = os.path.realpath(sys.executable)
+"""The interpreter that jobs run (stdlib-only scripts): the real one behind the venv's link.
+Daemon jobs are sandboxed with a private /tmp, so a checkout (and its venv) under /tmp is out
+of their sight; the interpreter it links to is not."""
 
 
 def cgroup2_usable() -> str | None:

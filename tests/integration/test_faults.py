@@ -32,7 +32,7 @@ from jobworker.cgroup.discovery import own_cgroup_dir
 from jobworker.client import Client
 from jobworker.errors import ShuttingDown
 from jobworker.server.daemon import Daemon, serve
-from tests.conftest import wait_for
+from tests.conftest import JOB_PYTHON, wait_for
 
 pki_dir, daemon, connect = harness.pki_dir, harness.daemon, harness.connect
 workerd = workerd_process.workerd
@@ -157,7 +157,7 @@ async def test_sigterm_with_live_jobs_and_followers(
     alice = clients[0]
     try:
         gate = tmp_path / "gate"
-        writer = await alice.start([sys.executable, "-c", WRITER, str(seed), str(fast), str(gate)])
+        writer = await alice.start([JOB_PYTHON, "-c", WRITER, str(seed), str(fast), str(gate)])
         counter = await alice.start(["sh", "-c", COUNTER])
         forker = await alice.start(["sh", "-c", FORKER])
         jobs = [writer.id, counter.id, forker.id]
@@ -228,7 +228,7 @@ async def test_sigkill_while_followers_stream_then_restart(
     try:
         done = await alice.start(["sh", "-c", "printf 'finished\\n'; exit 5"])
         done_final = await alice.wait(done.id)
-        writer = await alice.start([sys.executable, "-c", WRITER, str(seed), str(fast), ""])
+        writer = await alice.start([JOB_PYTHON, "-c", WRITER, str(seed), str(fast), ""])
         forker = await alice.start(["sh", "-c", FORKER])
         followers = [Follower(alice, j).start() for j in (writer.id, writer.id, forker.id)]
 
@@ -333,9 +333,7 @@ async def test_stalled_follower_costs_bounded_memory_and_slows_no_one(
     gate = tmp_path / "gate"
     expected = finite_digest(seed, blocks)
     async with Client.from_pki(workerd.address, pki_dir, "alice") as alice:
-        st = await alice.start(
-            [sys.executable, "-c", FINITE_WRITER, str(seed), str(blocks), str(gate)]
-        )
+        st = await alice.start([JOB_PYTHON, "-c", FINITE_WRITER, str(seed), str(blocks), str(gate)])
         stalled = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
@@ -451,7 +449,7 @@ async def test_binary_output_through_the_service(connect: Connect, tmp_path: Pat
     seed, blocks = 5, 128
     gate = tmp_path / "gate"
     alice = connect("alice")
-    st = await alice.start([sys.executable, "-c", FINITE_WRITER, str(seed), str(blocks), str(gate)])
+    st = await alice.start([JOB_PYTHON, "-c", FINITE_WRITER, str(seed), str(blocks), str(gate)])
     readers = [connect(u) for u in ("alice", "root", "vera", "vera")]
     tasks = [asyncio.create_task(collect(c, st.id)) for c in readers]
     gate.touch()

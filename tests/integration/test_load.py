@@ -18,7 +18,6 @@ import asyncio
 import fcntl
 import hashlib
 import random
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import pytest
 from jobworker import JobState
 from jobworker.client import Client
 from jobworker.server.daemon import Daemon
-from tests.conftest import open_fds, wait_for
+from tests.conftest import JOB_PYTHON, open_fds, wait_for
 
 pki_dir, daemon = harness.pki_dir, harness.daemon
 
@@ -162,9 +161,7 @@ async def test_many_followers_of_one_job(
     seed, blocks = 17, 16
     connect_pool(clients, daemon, pki_dir, -(-followers // STREAMS_PER_CHANNEL))
     gate = Gate(tmp_path / "gate")
-    st = await clients[0].start(
-        [sys.executable, "-c", WRITER, str(seed), str(blocks), str(gate.path)]
-    )
+    st = await clients[0].start([JOB_PYTHON, "-c", WRITER, str(seed), str(blocks), str(gate.path)])
     started = [asyncio.Event() for _ in range(followers)]
     tasks = [
         asyncio.create_task(follow(clients[i % len(clients)], st.id, started[i]))

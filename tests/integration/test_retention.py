@@ -19,7 +19,7 @@ import pytest
 from jobworker import JobState
 from jobworker.client import Client
 from jobworker.server.daemon import Config, Daemon, serve
-from tests.conftest import cgroup2_usable, wait_for
+from tests.conftest import JOB_PYTHON, cgroup2_usable, wait_for
 from tests.integration import daemon_harness as harness
 from tests.integration.test_service_debug import UnixHTTPConnection, request
 
@@ -163,7 +163,7 @@ async def test_jobs_past_their_age_at_restart_are_removed(
 
 
 async def test_per_identity_log_bytes(tmp_path: Path, pki_dir: Path, cgroup_name: str) -> None:
-    write = [sys.executable, "-c", "import sys; sys.stdout.write('x' * 1000)"]
+    write = [JOB_PYTHON, "-c", "import sys; sys.stdout.write('x' * 1000)"]
     async with running(tmp_path, pki_dir, cgroup_name, max_log_bytes_per_user=2500) as d:
         alice = Client.from_pki(f"127.0.0.1:{d.port}", pki_dir, "alice")
         bob = Client.from_pki(f"127.0.0.1:{d.port}", pki_dir, "bob")
