@@ -305,7 +305,8 @@ def expected_limits(
         return INVALID
     if memory is not None and not (1 << 20) <= memory <= S64:
         return INVALID
-    if pids is not None and not 1 <= pids <= 4_194_304:
+    # Daemon jobs are sandboxed, and a sandbox's init counts as a task: pids must be >= 2.
+    if pids is not None and not 2 <= pids <= 4_194_304:
         return INVALID
     devices = [d for d, *_ in io]
     for device, *values in io:
