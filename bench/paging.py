@@ -72,8 +72,12 @@ async def _run(settings: Settings, workdir: Path, log: Callable[[str], None]) ->
     seed(workdir / "state", n, common.USER)
     out["paging_seed_s"] = time.monotonic() - t0
     t0 = time.monotonic()
+    # Retention must keep every seeded record (a month old) while the pages are timed.
     daemon = Workerd(
-        workdir, cgroup_name=f"{common.CGROUP_NAME}-paging", ready_timeout=RECOVERY_TIMEOUT
+        workdir,
+        *("--retain-jobs", str(n), "--retain-for", "365d"),
+        cgroup_name=f"{common.CGROUP_NAME}-paging",
+        ready_timeout=RECOVERY_TIMEOUT,
     )
     try:
         out["paging_recovery_s"] = time.monotonic() - t0

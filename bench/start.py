@@ -1,8 +1,9 @@
 """Start latency: the Start RPC round trip (the job has exec'd in its cgroup when it returns)
 beside a bare ``subprocess.Popen`` of the same binary in the same loop; the library-level
 ``JobManager.start`` (:mod:`bench.start_latency`, the server-side figure); the daemon's own
-Start handling time from its /metrics; and ``worker start -- true`` as a user sees it beside
-``python -c pass``."""
+Start handling time from its /metrics; ``worker start -- true`` as a user sees it beside
+``python -c pass``; and ``worker status ID`` beside ``python -c 'import grpc'`` (the floor of
+any Python gRPC client)."""
 
 from __future__ import annotations
 
@@ -65,9 +66,13 @@ async def run(settings: Settings, daemon: Workerd, log: Callable[[str], None]) -
     library = await start_latency.measure(n)
     cli: list[float] = []
     python: list[float] = []
+    cli_status: list[float] = []
+    import_grpc: list[float] = []
     for _ in range(settings.cli_reps):
         cli.append(await asyncio.to_thread(_wall, daemon.cli("start", "--", "true")))
         python.append(await asyncio.to_thread(_wall, [sys.executable, "-c", "pass"]))
+        cli_status.append(await asyncio.to_thread(_wall, daemon.cli("status", status.id)))
+        import_grpc.append(await asyncio.to_thread(_wall, [sys.executable, "-c", "import grpc"]))
     out = {
         "start_p50_ms": median(rpc),
         "start_p99_ms": pct(rpc, 0.99),
@@ -83,6 +88,9 @@ async def run(settings: Settings, daemon: Workerd, log: Callable[[str], None]) -
         "cli_start_wall_p50_ms": median(cli),
         "python_pass_wall_p50_ms": median(python),
         "cli_start_ratio_vs_python": median(cli) / median(python),
+        "cli_status_p50_ms": median(cli_status),
+        "python_import_grpc_p50_ms": median(import_grpc),
+        "cli_status_ratio_vs_import_grpc": median(cli_status) / median(import_grpc),
     }
     log(
         f"start: RPC p50 {out['start_p50_ms']:.2f} ms sandboxed, "
@@ -90,6 +98,8 @@ async def run(settings: Settings, daemon: Workerd, log: Callable[[str], None]) -
         f"{out['start_server_mean_ms']:.2f}, library p50 {out['start_library_p50_ms']:.2f}), "
         f"fork/exec p50 {out['fork_exec_p50_ms']:.2f} ms; `worker start -- true` "
         f"{out['cli_start_wall_p50_ms']:.0f} ms vs `python -c pass` "
-        f"{out['python_pass_wall_p50_ms']:.0f} ms"
+        f"{out['python_pass_wall_p50_ms']:.0f} ms; `worker status ID` "
+        f"{out['cli_status_p50_ms']:.0f} ms vs `python -c 'import grpc'` "
+        f"{out['python_import_grpc_p50_ms']:.0f} ms"
     )
     return out

@@ -7,9 +7,12 @@ from jobworker.server import tls13  # noqa: F401 - before grpc: no TLS 1.2 in th
 import grpc
 
 # isort: on
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from jobworker.api.convert import limits_from_pb, limits_to_pb, status_from_pb, status_to_pb
 from jobworker.api.errors import ERROR_CODES, code_for, error_for
@@ -115,8 +118,28 @@ def test_unset_limits_stay_unset() -> None:
     ],
 )
 def test_bad_limits_from_the_wire(msg: pb.Limits) -> None:
-    with pytest.raises(InvalidArgument):
-        limits_from_pb(msg)
+    # Twice: decoded limits are remembered by their bytes, refused ones must never be.
+    for _ in range(2):
+        with pytest.raises(InvalidArgument):
+            limits_from_pb(msg)
+
+
+def test_limits_decoded_once_are_shared_and_equal_to_a_fresh_decode() -> None:
+    wire = limits_to_pb(Limits(memory=96 << 20, pids=33)).SerializeToString()
+    first, second = (limits_from_pb(pb.Limits.FromString(wire)) for _ in range(2))
+    assert first is second
+    assert first == Limits(memory=96 << 20, pids=33)
+
+
+@given(
+    seconds=st.integers(min_value=-(10**10), max_value=10**10),
+    micros=st.integers(min_value=0, max_value=999_999),
+)
+def test_timestamps_from_the_wire_keep_every_microsecond(seconds: int, micros: int) -> None:
+    status = replace(
+        STATUSES[0], started_at=datetime.fromtimestamp(seconds, UTC).replace(microsecond=micros)
+    )
+    assert status_from_pb(status_to_pb(status)).started_at == status.started_at
 
 
 STATUSES = [
