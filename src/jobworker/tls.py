@@ -3,19 +3,23 @@ one side of a connection and hands out bytes.
 
 All keys must be ECDSA: the daemon's TLS-1.3-only rule (:mod:`jobworker.server.tls13`) depends
 on the server key being one. This module does not import grpc and changes no process state.
+
+The full check parses the files with ``cryptography``, whose import alone costs a short-lived
+``worker`` command more than the rest of its work, so a client only reads its files up front
+(:func:`read_client`) and runs the full check (:func:`load_client`) to explain a connection
+that failed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from typing import TYPE_CHECKING
 
 from jobworker.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,12 +50,21 @@ def _read(what: str, path: Path) -> bytes:
         raise InvalidArgument(f"cannot read the {what} {path}: {e.strerror}") from e
 
 
-def _load(paths: Paths, eku: x509.ObjectIdentifier, side: str) -> Material:
-    ca, cert_pem, key_pem = (
+def _read_all(paths: Paths, side: str) -> Material:
+    return Material(
         _read("CA certificate", paths.ca),
         _read(f"{side} certificate", paths.cert),
         _read(f"{side} key", paths.key),
     )
+
+
+def _load(paths: Paths, eku: x509.ObjectIdentifier, side: str) -> Material:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    material = _read_all(paths, side)
+    ca, cert_pem, key_pem = material.ca, material.cert, material.key
     try:
         x509.load_pem_x509_certificates(ca)
         cert = x509.load_pem_x509_certificate(cert_pem)
@@ -73,7 +86,7 @@ def _load(paths: Paths, eku: x509.ObjectIdentifier, side: str) -> Material:
         usages = None
     if usages is not None and eku not in usages:
         raise InvalidArgument(f"{paths.cert} is not a {side} certificate (extended key usage)")
-    return Material(ca, cert_pem, key_pem)
+    return material
 
 
 def load_server(paths: Paths) -> Material:
@@ -82,9 +95,32 @@ def load_server(paths: Paths) -> Material:
     Raises :class:`InvalidArgument` naming the file when one is unreadable, not PEM, not
     ECDSA, not matching, or the certificate is not for serverAuth.
     """
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
     return _load(paths, ExtendedKeyUsageOID.SERVER_AUTH, "server")
 
 
 def load_client(paths: Paths) -> Material:
     """Read and check a client's CA, certificate and key (same errors as :func:`load_server`)."""
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
     return _load(paths, ExtendedKeyUsageOID.CLIENT_AUTH, "client")
+
+
+_PEM_MARKERS = (
+    ("CA certificate", "ca", b"-----BEGIN CERTIFICATE-----"),
+    ("client certificate", "cert", b"-----BEGIN CERTIFICATE-----"),
+    ("client key", "key", b"PRIVATE KEY-----"),
+)
+
+
+def read_client(paths: Paths) -> Material:
+    """Read a client's CA, certificate and key, checking only that each looks like PEM of its
+    kind (:class:`InvalidArgument` naming the file otherwise). :func:`load_client` is the full
+    check, for when the daemon refuses what was read."""
+    material = _read_all(paths, "client")
+    for what, field, marker in _PEM_MARKERS:
+        if marker not in getattr(material, field):
+            path = getattr(paths, field)
+            raise InvalidArgument(f"{path} is not a PEM-encoded {what}")
+    return material

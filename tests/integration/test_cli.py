@@ -17,6 +17,7 @@ import os
 import random
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator, Mapping
 from datetime import datetime
@@ -418,6 +419,43 @@ async def test_error_not_found_and_hidden_jobs(W: Worker) -> None:
         hidden = await W(command, bobs)  # alice may not know bob's job exists
         assert hidden.exit_code == Exit.NOT_FOUND, command
         assert bobs in one_error_line(hidden)
+
+
+async def test_unusable_client_files_get_one_line_naming_the_file(
+    daemon: Daemon, pki_dir: Path, tmp_path: Path
+) -> None:
+    # The CLI only reads its files before connecting (parsing them would import cryptography);
+    # when the daemon turns it away it parses them to say why.
+    ca, cert, key = pki_dir / "ca.pem", pki_dir / "alice.pem", pki_dir / "alice-key.pem"
+    not_pem = tmp_path / "not-pem.pem"
+    not_pem.write_text("hello\n")
+    garbled = tmp_path / "garbled-key.pem"
+    garbled.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    cases = [
+        ((ca, not_pem, key), f"{not_pem} is not a PEM-encoded client certificate"),
+        ((ca, cert, garbled), f"{garbled} is not an unencrypted PEM private key"),
+        ((ca, cert, pki_dir / "bob-key.pem"), f"{pki_dir / 'bob-key.pem'} is not the key of"),
+        ((ca, pki_dir / "server.pem", pki_dir / "server-key.pem"), "is not a client certificate"),
+    ]
+    for (c, crt, k), expected in cases:
+        files = {"WORKER_CA": str(c), "WORKER_CERT": str(crt), "WORKER_KEY": str(k)}
+        result = await invoke(
+            ["status", "some-job"],
+            {**CLEAN_ENV, "WORKER_ADDR": f"127.0.0.1:{daemon.port}", **files},
+        )
+        assert result.exit_code == Exit.CONFIG, (expected, result.stderr)
+        assert expected in one_error_line(result)
+
+
+def test_the_cli_does_not_import_cryptography_or_the_library_to_reach_the_daemon() -> None:
+    probe = (
+        "import sys; from jobworker.client.cli import main; "
+        "from jobworker.client.cli.settings import Settings; from jobworker.client import Client; "
+        "print(' '.join(m for m in sys.modules if m.split('.')[0] == 'cryptography' "
+        "or m in ('jobworker.manager', 'jobworker.cgroup', 'jobworker.spawn')))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
 
 
 async def test_error_permission_denied(W: Worker) -> None:

@@ -82,16 +82,22 @@ class Client:
         self.address = address
 
     @classmethod
-    def from_files(cls, address: str, ca: Path, cert: Path, key: Path, **kwargs: object) -> Client:
+    def from_files(
+        cls, address: str, ca: Path, cert: Path, key: Path, *, check: bool = True, **kwargs: object
+    ) -> Client:
         """Raises :class:`~jobworker.errors.InvalidArgument` naming a file that is missing,
-        unreadable or not a usable client certificate/key."""
-        return cls(address, tls.load_client(tls.Paths(ca, cert, key)), **kwargs)  # type: ignore[arg-type]
+        unreadable or not a usable client certificate/key. ``check=False`` only reads the
+        files (see :func:`jobworker.tls.read_client`): for a short-lived process, which runs
+        :func:`jobworker.tls.load_client` itself if the connection fails."""
+        paths = tls.Paths(ca, cert, key)
+        material = tls.load_client(paths) if check else tls.read_client(paths)
+        return cls(address, material, **kwargs)  # type: ignore[arg-type]
 
     @classmethod
     def from_pki(cls, address: str, directory: Path, user: str, **kwargs: object) -> Client:
         """Use ``ca.pem``, ``USER.pem`` and ``USER-key.pem`` from a ``certs init`` directory."""
         paths = tls.Paths.from_pki(directory, user)
-        return cls(address, tls.load_client(paths), **kwargs)  # type: ignore[arg-type]
+        return cls.from_files(address, paths.ca, paths.cert, paths.key, **kwargs)  # type: ignore[arg-type]
 
     async def close(self) -> None:
         """Cancel open :meth:`logs` streams (their iterators raise

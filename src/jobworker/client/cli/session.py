@@ -9,7 +9,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from jobworker.client.cli.exits import StdoutClosed, error_exit, warn
 from jobworker.client.cli.settings import Settings
-from jobworker.errors import JobworkerError, RemoteError, ShuttingDown
+from jobworker.errors import ConfigError, JobworkerError, RemoteError, ShuttingDown
 from jobworker.spec import JobStatus
 
 T = TypeVar("T")
@@ -116,5 +116,11 @@ def remote(settings: Settings, body: Callable[[Session], Coroutine[Any, Any, T]]
     try:
         return run_sync(go())
     except JobworkerError as e:
+        if isinstance(e, ShuttingDown):
+            # Could not connect, or the daemon hung up: our own certificate may be the reason.
+            try:
+                settings.explain_failure()
+            except ConfigError as bad:
+                e = bad
         failure = error_exit(e, settings.addr)
     raise failure

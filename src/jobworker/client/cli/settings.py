@@ -93,7 +93,20 @@ class Settings:
 
         ca, cert, key = self.tls_paths()
         try:
-            return Client.from_files(self.addr, ca, cert, key, timeout=self.timeout)
+            # Only read: parsing them needs cryptography, whose import costs more than a short
+            # command's whole work; explain_failure parses them if the daemon turns us away.
+            return Client.from_files(self.addr, ca, cert, key, check=False, timeout=self.timeout)
+        except InvalidArgument as e:
+            raise ConfigError(str(e)) from e
+
+    def explain_failure(self) -> None:
+        """Raise :class:`ConfigError` if the certificate files are why a connection failed
+        (not PEM, an unusable key, a key that is not the certificate's, not a client
+        certificate); return if they look fine."""
+        from jobworker import tls
+
+        try:
+            tls.load_client(tls.Paths(*self.tls_paths()))
         except InvalidArgument as e:
             raise ConfigError(str(e)) from e
 
