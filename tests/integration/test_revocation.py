@@ -357,3 +357,37 @@ async def test_sighup_to_workerd_revokes_and_keeps_jobs_and_followers(
         finally:
             await alice.close()
             await bob.close()
+
+
+async def test_the_debug_endpoint_follows_revocation_and_policy_reloads(
+    start: Serve, pki: Path, tmp_path: Path
+) -> None:
+    import http.client
+
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[roles]\nroot = "admin"\n')
+    d = await start(debug_address="127.0.0.1:0", policy_file=policy)
+    assert d.debug_port is not None
+
+    def get_metrics(user: str) -> tuple[int, str]:
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        ctx.load_cert_chain(pki / f"{user}.pem", pki / f"{user}-key.pem")
+        conn = http.client.HTTPSConnection("127.0.0.1", d.debug_port, context=ctx, timeout=30)
+        try:
+            conn.request("GET", "/metrics")
+            r = conn.getresponse()
+            return r.status, r.read().decode()
+        finally:
+            conn.close()
+
+    assert (await asyncio.to_thread(get_metrics, "root"))[0] == 200
+    assert (await asyncio.to_thread(get_metrics, "alice"))[0] == 403
+    policy.write_text('[roles]\nroot = "admin"\nalice = "admin"\n')
+    d.reload()
+    assert (await asyncio.to_thread(get_metrics, "alice"))[0] == 200, "policy reload ignored"
+    revoke(pki, "root")
+    d.reload()
+    status, text = await asyncio.to_thread(get_metrics, "root")
+    assert status == 403 and "certificate revoked" in text, (status, text)
+    assert "jobworker_jobs" not in text
+    assert (await asyncio.to_thread(get_metrics, "alice"))[0] == 200

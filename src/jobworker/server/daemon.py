@@ -169,6 +169,8 @@ class Daemon:
         )
         changed = self._server.certificates.replace(material)
         servicer.reconfigure(settings, revocations)
+        if self._debug is not None:
+            self._debug.reconfigure(policy, revocations)
         log.info(
             "reloaded: certificate %s (%s), policy %s, revocation list %s (%d revoked)",
             config.tls.cert,
@@ -280,7 +282,7 @@ async def serve(config: Config) -> Daemon:
 
         debug: DebugServer | None = None
         if config.debug_socket is not None or config.debug_address is not None:
-            debug = endpoint = DebugServer(metrics, loop, policy)
+            debug = endpoint = DebugServer(metrics, loop, policy, revocations)
             metrics.observe_jobs(lambda: endpoint.on_loop(list_states))
             undo.callback(endpoint.close)
             if config.debug_socket is not None:

@@ -67,7 +67,7 @@ from urllib.parse import parse_qs, urlsplit
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from jobworker.errors import HostError, InvalidArgument
-from jobworker.server.authz import Policy
+from jobworker.server.authz import Policy, Revocations
 from jobworker.server.debug_listeners import (
     CONNECTION_TIMEOUT,
     _bind_unix,
@@ -187,11 +187,16 @@ class DebugServer:
     TLS (:meth:`start_tcp`). Create and start it from the event loop it reports on."""
 
     def __init__(
-        self, metrics: Metrics, loop: asyncio.AbstractEventLoop, policy: Policy | None = None
+        self,
+        metrics: Metrics,
+        loop: asyncio.AbstractEventLoop,
+        policy: Policy | None = None,
+        revocations: Revocations | None = None,
     ) -> None:
         self.metrics = metrics
         self._loop = loop
         self._policy = policy
+        self._revocations = revocations or Revocations()
         self._servers: list[socketserver.BaseServer] = []
         self._threads: list[threading.Thread] = []
         self._tcp: _TLSServer | None = None
@@ -247,12 +252,21 @@ class DebugServer:
         self._socket = (path, path.stat().st_ino)
         self._serve(server, "jobworker-debug-unix")
 
+    def reconfigure(self, policy: Policy | None, revocations: Revocations) -> None:
+        """A reloaded policy and CRL, for HTTPS connections from the next one on. (The
+        endpoint's own certificate is the one it started with.)"""
+        self._policy, self._revocations = policy, revocations
+        if self._tcp is not None:
+            self._tcp.access = (policy, revocations)
+
     def start_tcp(self, address: str, material: Material) -> None:
         """Serve HTTPS with mutual TLS on loopback ``HOST:PORT``, for admin certificates."""
         host, port = parse_address(address)
         context = _tls_context(material)
         try:
-            server = _TLSServer((host, port), _handler_class(self, host), context, self._policy)
+            server = _TLSServer(
+                (host, port), _handler_class(self, host), context, self._policy, self._revocations
+            )
         except OSError as e:
             raise HostError(f"cannot listen on debug address {address}: {e.strerror}") from e
         self._tcp = server

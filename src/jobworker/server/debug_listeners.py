@@ -19,7 +19,7 @@ from typing import Any
 
 from jobworker.errors import HostError, InvalidArgument, Unauthenticated
 from jobworker.identity import Role
-from jobworker.server.authz import Policy, identity_from_certificate
+from jobworker.server.authz import Policy, Revocations, identity_from_certificate, revocation_key
 from jobworker.tls import Material
 
 log = logging.getLogger("jobworker.server.debug")
@@ -81,10 +81,13 @@ class _TLSServer(_Limited, ThreadingHTTPServer):
         handler: type[BaseHTTPRequestHandler],
         context: ssl.SSLContext,
         policy: Policy | None,
+        revocations: Revocations,
     ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.context = context
-        self.policy = policy
+        self.access = (policy, revocations)
+        """The policy and CRL of the next connection: one tuple, swapped whole on reload (the
+        connection threads read it without a lock)."""
         self.setup_limits()
         super().__init__(address, handler)
 
@@ -109,11 +112,13 @@ class _TLSServer(_Limited, ThreadingHTTPServer):
         der = tls.getpeercert(binary_form=True)
         if der is None:  # pragma: no cover - CERT_REQUIRED fails the handshake first
             return "a client certificate is required"
+        policy, revocations = self.access
+        pem = ssl.DER_cert_to_PEM_cert(der).encode()
         try:
-            identity = identity_from_certificate(
-                ssl.DER_cert_to_PEM_cert(der).encode(), self.policy
-            )
+            identity = identity_from_certificate(pem, policy)
+            revocations.check(revocation_key(pem), identity.name)
         except Unauthenticated as e:
+            log.warning("debug endpoint: refused a client: %s", e)
             return f"the debug endpoint is for admins: {e}"
         if identity.role is not Role.ADMIN:
             log.warning("debug endpoint: refused %s (role %s)", identity.name, identity.role)
