@@ -27,7 +27,9 @@ from jobworker.ending import UNKNOWN_EXIT, supervise
 from jobworker.ending import now as _now
 from jobworker.errors import HostError, JobNotFound, JobRunning, ShuttingDown
 from jobworker.jobtable import JobTable, PageKey
-from jobworker.output import PumpThread, read_output
+from jobworker.outlog import Chunk
+from jobworker.output import PumpThread
+from jobworker.outread import Query, data_of, read_chunks
 from jobworker.recovery import recover
 from jobworker.retention import Removal, Retention, RetentionIndex
 from jobworker.runtime import Job, SendSignal, run_stop
@@ -240,10 +242,14 @@ class JobManager:
         return job.status
 
     def output(self, job_id: str, offset: int = 0, follow: bool = False) -> AsyncIterator[bytes]:
-        """The job's bytes from ``offset``: what exists now, or with ``follow`` until the job
-        has ended and every byte is delivered. Any number of readers may run at once."""
+        """The job's bytes (both streams as received) from ``offset``: what exists now, or
+        with ``follow`` until the job has ended and every byte is delivered."""
+        return data_of(self.chunks(job_id, Query(offset=offset, follow=follow)))
+
+    def chunks(self, job_id: str, query: Query) -> AsyncIterator[Chunk]:
+        """A view of the job's output, with streams and times: see :class:`.outread.Query`."""
         job = self._get(job_id)
-        return read_output(self._store.log_path(job.id), offset, job.pump, follow)
+        return read_chunks(self._store.log_paths(job.id), job.pump, query)
 
     # -- start -----------------------------------------------------------------------------
 
@@ -284,7 +290,8 @@ class JobManager:
                     env,
                     spec.cwd,
                     prep.procs_fd,
-                    prep.pipe_w,
+                    prep.stdout_w,
+                    prep.stderr_w,
                     creds,
                     self._fast(spec, creds),
                     sandbox=spec.sandbox,
@@ -293,12 +300,13 @@ class JobManager:
                     nofile=self._job_nofile,
                 )
             finally:
-                os.close(prep.pipe_w)
+                os.close(prep.stdout_w)
+                if prep.stderr_w != prep.stdout_w:
+                    os.close(prep.stderr_w)
                 os.close(prep.procs_fd)
         except BaseException:
             await abandon_start(self._store, self._tree, self._watcher, job_id, prep)
             raise
-        log_fd, pipe_r = prep.log_fd, prep.pipe_r
         status = JobStatus(
             id=job_id,
             state=JobState.RUNNING,
@@ -311,7 +319,11 @@ class JobManager:
         job = Job(spec, status)
         job.group = group
         job.pump = self._pumps.add(
-            log_fd, pipe_r, lambda why: self._on_output_refused(job, why), self._max_log_bytes
+            prep.files,
+            prep.stdout_r,
+            prep.stderr_r,
+            lambda why: self._on_output_refused(job, why),
+            self._max_log_bytes,
         )
         self._jobs[job_id] = job
         job.task = asyncio.create_task(self._supervise(job, spawned.exit_status))

@@ -17,6 +17,7 @@ from jobworker.cgroup.tree import CgroupTree, open_procs
 from jobworker.cgroup.watch import EventsWatcher
 from jobworker.ending import EOF_TIMEOUT
 from jobworker.errors import JobworkerError
+from jobworker.outlog import LogFiles
 from jobworker.output import make_pipe
 from jobworker.runtime import kill_until_empty
 from jobworker.spawn.lookup import resolve_command
@@ -32,10 +33,13 @@ DEFAULT_NOFILE = 1024
 @dataclass(frozen=True, slots=True)
 class Prepared:
     path: str
-    log_fd: int
+    files: LogFiles
     group: Path
-    pipe_r: int
-    pipe_w: int
+    stdout_r: int
+    stdout_w: int
+    stderr_r: int | None
+    """``None`` when the job has one source only (stdout)."""
+    stderr_w: int
     procs_fd: int
 
 
@@ -51,18 +55,22 @@ def prepare(
     ``lookup`` the command and cwd are checked by the spawner's child instead."""
     path = spec.argv[0] if lookup else resolve_command(spec.argv[0], env["PATH"], spec.cwd)
     with contextlib.ExitStack() as undo:
-        log_fd = store.create(job_id)
+        files = store.create(job_id)
         undo.callback(store.discard, job_id)
-        undo.callback(close_quietly, log_fd)
+        undo.callback(files.close)
         group = tree.create(job_id)
         undo.callback(tree.try_remove, group)
         controllers.apply(group, spec.limits)
-        pipe_r, pipe_w = make_pipe()
-        undo.callback(close_quietly, pipe_r)
-        undo.callback(close_quietly, pipe_w)
+        pipes: list[int] = []
+        for _stream in range(2):  # stdout, stderr
+            r, w = make_pipe()
+            undo.callback(close_quietly, r)
+            undo.callback(close_quietly, w)
+            pipes += (r, w)
         procs_fd = open_procs(group)
         undo.pop_all()
-    return Prepared(path, log_fd, group, pipe_r, pipe_w, procs_fd)
+    out_r, out_w, err_r, err_w = pipes
+    return Prepared(path, files, group, out_r, out_w, err_r, err_w, procs_fd)
 
 
 async def abandon_start(
@@ -71,8 +79,10 @@ async def abandon_start(
     """Undo a start whose spawn failed. A process may already run in the group (the
     spawner can die between its spawn and its reply): no record knows it, so it is killed
     before the group is removed."""
-    close_quietly(prep.log_fd)
-    close_quietly(prep.pipe_r)
+    prep.files.close()
+    close_quietly(prep.stdout_r)
+    if prep.stderr_r is not None:
+        close_quietly(prep.stderr_r)
     try:
         if tree.populated(prep.group):
             log.warning("job %s: start failed with a process in its group; killing it", job_id)
