@@ -280,6 +280,14 @@ class JobManager:
             self._host_io, prepare, self._store, self._tree, job_id, spec, env, lookup
         )
         group = prep.group
+        # Pumped from before the spawn: the job's first bytes are taken in the order written.
+        pump = self._pumps.add(
+            prep.files,
+            prep.stdout_r,
+            prep.stderr_r,
+            lambda why: self._on_output_refused(job_id, why),
+            self._max_log_bytes,
+        )
         try:
             self._watcher.watch(group)
             try:  # the spawner gets its own copies of these
@@ -305,7 +313,7 @@ class JobManager:
                     os.close(prep.stderr_w)
                 os.close(prep.procs_fd)
         except BaseException:
-            await abandon_start(self._store, self._tree, self._watcher, job_id, prep)
+            await abandon_start(self._store, self._tree, self._watcher, job_id, prep, pump)
             raise
         status = JobStatus(
             id=job_id,
@@ -317,15 +325,10 @@ class JobManager:
             limits=spec.limits,
         )
         job = Job(spec, status)
-        job.group = group
-        job.pump = self._pumps.add(
-            prep.files,
-            prep.stdout_r,
-            prep.stderr_r,
-            lambda why: self._on_output_refused(job, why),
-            self._max_log_bytes,
-        )
+        job.group, job.pump = group, pump
         self._jobs[job_id] = job
+        if pump.refused is not None:  # before the job was known
+            self._on_output_refused(job_id, pump.refused)
         job.task = asyncio.create_task(self._supervise(job, spawned.exit_status))
         if spec.timeout is not None:
             self._deadlines[job_id] = asyncio.get_running_loop().call_later(
@@ -362,7 +365,10 @@ class JobManager:
             and (limits.pids is None or limits.pids >= 2)
         )
 
-    def _on_output_refused(self, job: Job, reason: str) -> None:
+    def _on_output_refused(self, job_id: str, reason: str) -> None:
+        job = self._jobs.get(job_id)
+        if job is None:
+            return  # not started yet: checked once it is
         log.warning("job %s: %s; stopping it", job.id, reason)
         if not job.ended.is_set():
             self._begin_stop(job, None, reason)

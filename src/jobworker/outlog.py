@@ -145,7 +145,8 @@ class Index:
             return self._legacy
         block = i // BLOCK_RECORDS
         if block != self._block or (i % BLOCK_RECORDS + 1) * RECORD.size > len(self._data):
-            self._data = os.pread(self._fd, BLOCK_RECORDS * RECORD.size, block * RECORD.size)
+            size = BLOCK_RECORDS * RECORD.size
+            self._data = os.pread(self._fd, size, block * size)
             self._block = block
         at = (i % BLOCK_RECORDS) * RECORD.size
         if at + RECORD.size > len(self._data):

@@ -30,6 +30,7 @@ import functools
 import logging
 import os
 import select
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +43,10 @@ PIPE_SIZE = 1 << 20
 SPLICE_MAX = 1 << 20
 BATCH_SPLICES = 16
 """Splices per wake-up before serving other jobs' pipes (fairness between jobs)."""
+PUMP_NICE = -10
+"""The pump thread's nice value (the jobs keep 0)."""
+SWITCH_INTERVAL = 0.0002
+"""The process's GIL switch interval, at most (:func:`sys.setswitchinterval`)."""
 READ_MAX = 256 * 1024
 """Most bytes per read from a source that cannot be spliced (a pty master)."""
 
@@ -79,11 +84,18 @@ class PumpThread:
     """
 
     def __init__(self) -> None:
+        # The pump takes the GIL back within this long of its wake-up, however busy the loop
+        # (Python's default, 5 ms, lets writes 1 ms apart to the two streams swap places).
+        if sys.getswitchinterval() > SWITCH_INTERVAL:
+            sys.setswitchinterval(SWITCH_INTERVAL)
         self._loop = asyncio.get_running_loop()
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._sources: dict[int, tuple[OutputPump, _Source]] = {}
+        self._again: list[tuple[OutputPump, _Source]] = []
+        """Sources that still held bytes when their batch ended (edge-triggered: no new
+        event would come for them)."""
         self._lock = threading.Lock()
         self._commands: list[Callable[[], None]] = []
         self._running = True
@@ -117,7 +129,11 @@ class PumpThread:
         def register() -> None:
             for src in sources:
                 self._sources[src.fd] = (pump, src)
-                self._epoll.register(src.fd, select.EPOLLIN)
+                # Edge-triggered: a source enters epoll's ready list when bytes arrive, so one
+                # wake-up hands the sources over in the order they received bytes (level-
+                # triggered, a source just drained would be put back first, ahead of the other
+                # stream's newer bytes, whenever the pump is late).
+                self._epoll.register(src.fd, select.EPOLLIN | select.EPOLLET)
             for src in sources:
                 pump._transfer(src)  # anything written before registration
 
@@ -125,11 +141,20 @@ class PumpThread:
         return pump
 
     def _run(self) -> None:
+        # Ahead of the jobs (and the daemon's other threads) for the CPU: the order of the two
+        # streams is the order the pump takes their bytes, so it must come promptly when they
+        # arrive, also on a busy host (best effort: only root may raise a priority).
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PUMP_NICE)
         while self._running:
             try:
-                events = self._epoll.poll()
+                # Sources left with bytes by the fairness limit go first, before new events.
+                events = self._epoll.poll(0 if self._again else -1)
             except InterruptedError:
                 continue
+            again, self._again = self._again, []
+            for pump, src in again:
+                self._guarded(functools.partial(pump._transfer, src))
             for fd, _mask in events:
                 if fd == self._wake_r:
                     with contextlib.suppress(BlockingIOError):
@@ -142,8 +167,7 @@ class PumpThread:
                 else:
                     entry = self._sources.get(fd)
                     if entry is not None:
-                        pump, src = entry
-                        self._guarded(functools.partial(pump._transfer, src))
+                        self._guarded(functools.partial(entry[0]._transfer, entry[1]))
 
     def _guarded(self, step: Callable[[], None]) -> None:
         # A bug in one step must not stop every job's output: log it and go on.
@@ -237,6 +261,7 @@ class OutputPump:
         at = self._out if src.stream is Stream.STDOUT else self._err
         moved = 0
         eof = False
+        drained = False
         for _ in range(batch):
             room = self._room(moved)
             try:
@@ -249,6 +274,7 @@ class OutputPump:
                     if n and self._refusal is None:
                         self._refusal = f"output exceeded the log size limit of {self._limit} bytes"
             except BlockingIOError:
+                drained = True
                 break
             except OSError as e:
                 if e.errno == errno.EIO:  # a pty master whose slave side is closed
@@ -264,6 +290,8 @@ class OutputPump:
             self._index(src.stream, moved, received)
         if eof:
             self._end_source(src)
+        elif not drained:
+            self._owner._again.append((self, src))
         self._schedule_publish()
 
     @staticmethod

@@ -18,7 +18,7 @@ from jobworker.cgroup.watch import EventsWatcher
 from jobworker.ending import EOF_TIMEOUT
 from jobworker.errors import JobworkerError
 from jobworker.outlog import LogFiles
-from jobworker.output import make_pipe
+from jobworker.output import OutputPump, make_pipe
 from jobworker.runtime import kill_until_empty
 from jobworker.spawn.lookup import resolve_command
 from jobworker.spec import JobSpec
@@ -74,15 +74,17 @@ def prepare(
 
 
 async def abandon_start(
-    store: Store, tree: CgroupTree, watcher: EventsWatcher, job_id: str, prep: Prepared
+    store: Store,
+    tree: CgroupTree,
+    watcher: EventsWatcher,
+    job_id: str,
+    prep: Prepared,
+    pump: OutputPump,
 ) -> None:
     """Undo a start whose spawn failed. A process may already run in the group (the
     spawner can die between its spawn and its reply): no record knows it, so it is killed
-    before the group is removed."""
-    prep.files.close()
-    close_quietly(prep.stdout_r)
-    if prep.stderr_r is not None:
-        close_quietly(prep.stderr_r)
+    before the group is removed. The pump owns the logs and pipes: it closes them."""
+    await pump.abandon()
     try:
         if tree.populated(prep.group):
             log.warning("job %s: start failed with a process in its group; killing it", job_id)
