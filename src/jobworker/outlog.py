@@ -138,20 +138,23 @@ class Index:
         self.count = count if legacy is None else 1
         self._legacy = legacy
         self._block = -1
+        self._valid = 0
         self._data = b""
 
     def get(self, i: int) -> Run:
         if self._legacy is not None:
             return self._legacy
-        block = i // BLOCK_RECORDS
-        if block != self._block or (i % BLOCK_RECORDS + 1) * RECORD.size > len(self._data):
+        block, at = divmod(i, BLOCK_RECORDS)
+        # Only records below the count when the block was read are trusted: the file goes on
+        # past them (zeros allocated ahead, records written since).
+        if block != self._block or at >= self._valid:
             size = BLOCK_RECORDS * RECORD.size
             self._data = os.pread(self._fd, size, block * size)
             self._block = block
-        at = (i % BLOCK_RECORDS) * RECORD.size
-        if at + RECORD.size > len(self._data):
+            self._valid = min(len(self._data) // RECORD.size, self.count - block * BLOCK_RECORDS)
+        if at >= self._valid:
             raise OSError(f"the job's output index ends before record {i}")
-        return unpack(self._data, at)
+        return unpack(self._data, at * RECORD.size)
 
     def last(self) -> Run | None:
         return self.get(self.count - 1) if self.count else None
@@ -238,7 +241,8 @@ def _segments_back(
 
 
 def repair(paths: LogPaths) -> None:
-    """After a crash: cut a record the crash left half-written, and index the bytes written to
+    """After a crash: cut a record the crash left half-written and the zeros allocated ahead
+    (a record's length is never 0), and index the bytes written to
     a stream's file after its last record (one record per stream, at the file's modification
     time), so that none of what the job wrote is lost to the views. A log without an index
     (from before streams were apart) is left as it is."""
@@ -249,10 +253,12 @@ def repair(paths: LogPaths) -> None:
     try:
         size = os.fstat(fd).st_size
         whole = size - size % RECORD.size
-        if whole != size:
-            os.ftruncate(fd, whole)
         count = whole // RECORD.size
-        last = unpack(os.pread(fd, RECORD.size, whole - RECORD.size)) if count else None
+        while count and unpack(os.pread(fd, RECORD.size, (count - 1) * RECORD.size)).length == 0:
+            count -= 1
+        if count * RECORD.size != size:
+            os.ftruncate(fd, count * RECORD.size)
+        last = unpack(os.pread(fd, RECORD.size, (count - 1) * RECORD.size)) if count else None
         ends = {s: 0 if last is None else last.end(s) for s in Stream}
         time_us = 0 if last is None else last.time_us
         for stream, path in ((Stream.STDOUT, paths.out), (Stream.STDERR, paths.err)):

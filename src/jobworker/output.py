@@ -47,6 +47,8 @@ PUMP_NICE = -10
 """The pump thread's nice value (the jobs keep 0)."""
 SWITCH_INTERVAL = 0.0002
 """The process's GIL switch interval, at most (:func:`sys.setswitchinterval`)."""
+INDEX_ALLOCATION = 64 * 1024
+"""Index bytes allocated at a time (2048 records)."""
 READ_MAX = 256 * 1024
 """Most bytes per read from a source that cannot be spliced (a pty master)."""
 
@@ -200,8 +202,8 @@ class PumpThread:
 class OutputPump:
     """One job's sources → its logs and index. Made by :meth:`PumpThread.add`.
 
-    When the logs cannot take more — the size cap is reached (both streams' bytes plus the
-    index's records count), or a write fails (ENOSPC) — the pump calls ``on_refused`` once (on
+    When the logs cannot take more — the size cap is reached (by both streams' bytes, or by
+    the index's records), or a write fails (ENOSPC) — the pump calls ``on_refused`` once (on
     the loop) with the reason and from then on drains the sources without storing (counting
     the bytes in :attr:`discarded`), so the job is never wedged on a full pipe while its owner
     stops it.
@@ -226,6 +228,8 @@ class OutputPump:
         self._err = 0
         self._records = 0
         self._last_time = 0
+        self._allocated = 0
+        """Bytes of the index file allocated (its records come first, zeros after)."""
         self._committed = (0, 0)
         """(records, bytes) as one value: a publish never sees bytes without their record."""
         self._discarded = 0
@@ -248,10 +252,36 @@ class OutputPump:
     # -- pump thread -------------------------------------------------------------------------
 
     def _room(self, pending: int) -> int:
+        """Bytes this batch may still store: the cap counts both streams' bytes; the index,
+        32 bytes per reception, may grow as large as the cap too, no larger."""
+        if not self._index_room():
+            return 0
         if self._limit is None:
             return SPLICE_MAX
-        used = self._out + self._err + (self._records + 1) * RECORD.size + pending
-        return min(SPLICE_MAX, self._limit - used)
+        if (self._records + 1) * RECORD.size > self._limit:
+            if self._refusal is None:
+                self._refusal = (
+                    f"output exceeded the log size limit of {self._limit} bytes "
+                    f"in its index ({self._records} receptions)"
+                )
+            return 0
+        return min(SPLICE_MAX, self._limit - (self._out + self._err + pending))
+
+    def _index_room(self) -> bool:
+        """Whether the index has room, allocated ahead, for this batch's record: bytes are
+        only taken when their record is sure to fit (a full disk must not leave bytes stored
+        but unindexed, so unread). The file is cut to its records when the pump ends."""
+        if (self._records + 1) * RECORD.size <= self._allocated:
+            return True
+        if self._refusal is None:
+            try:
+                os.posix_fallocate(self._files.idx, self._allocated, INDEX_ALLOCATION)
+            except OSError as e:
+                self._refusal = f"output log write failed: {e.strerror}"
+                return False
+            self._allocated += INDEX_ALLOCATION
+            return True
+        return False
 
     def _transfer(self, src: _Source, batch: int = BATCH_SPLICES) -> None:
         """Move what ``src`` holds (up to ``batch`` splices), then index it as one record."""
@@ -333,6 +363,8 @@ class OutputPump:
         os.close(src.fd)
         if all(s.closed for s in self._sources) and not self._eof_seen:
             self._eof_seen = True
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._files.idx, self._records * RECORD.size)
             self._files.close()
 
     def _close_in_thread(self) -> None:

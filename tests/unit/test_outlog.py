@@ -182,6 +182,7 @@ def test_repair_indexes_what_a_crash_left_unindexed(tmp_path: Path) -> None:
         f.write(b"late out\n")
     p.err.write_bytes(b"late err\n")
     with p.idx.open("ab") as f:
+        f.write(bytes(5 * RECORD.size))  # allocated ahead, never written
         f.write(b"half a record")
     repair(p)
     assert p.idx.stat().st_size == 3 * RECORD.size
