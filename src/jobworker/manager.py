@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import functools
 import logging
 import os
 import uuid
@@ -281,13 +282,8 @@ class JobManager:
         )
         group = prep.group
         # Pumped from before the spawn: the job's first bytes are taken in the order written.
-        pump = self._pumps.add(
-            prep.files,
-            prep.stdout_r,
-            prep.stderr_r,
-            lambda why: self._on_output_refused(job_id, why),
-            self._max_log_bytes,
-        )
+        refused = functools.partial(self._on_output_refused, job_id)
+        pump = self._pumps.add(*prep.output, refused, self._max_log_bytes)
         try:
             self._watcher.watch(group)
             try:  # the spawner gets its own copies of these
@@ -308,10 +304,7 @@ class JobManager:
                     nofile=self._job_nofile,
                 )
             finally:
-                os.close(prep.stdout_w)
-                if prep.stderr_w != prep.stdout_w:
-                    os.close(prep.stderr_w)
-                os.close(prep.procs_fd)
+                prep.close_spawner_fds()
         except BaseException:
             await abandon_start(self._store, self._tree, self._watcher, job_id, prep, pump)
             raise

@@ -42,6 +42,18 @@ class Prepared:
     stderr_w: int
     procs_fd: int
 
+    @property
+    def output(self) -> tuple[LogFiles, int, int | None]:
+        """What the pump takes: the files, the stdout and the stderr read ends."""
+        return self.files, self.stdout_r, self.stderr_r
+
+    def close_spawner_fds(self) -> None:
+        """The fds the spawner got copies of (the job's ends of its pipes, cgroup.procs)."""
+        os.close(self.stdout_w)
+        if self.stderr_w != self.stdout_w:
+            os.close(self.stderr_w)
+        os.close(self.procs_fd)
+
 
 def prepare(
     store: Store,
