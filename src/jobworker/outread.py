@@ -3,6 +3,7 @@ a tail or a time, now or following (the files' format: :mod:`jobworker.outlog`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
@@ -84,7 +85,9 @@ async def read_chunks(
             )
         pos = query.offset
         if query.tail is not None:
-            pos = max(pos, tail_start(index, view, query.tail, fds))
+            # Off the loop: a tail of many lines over many records takes a while.
+            start = await asyncio.to_thread(tail_start, index, view, query.tail, fds)
+            pos = max(pos, start)
         if query.since_us is not None:
             pos = max(pos, index.since(view, query.since_us))
         i = index.find(view, pos)
