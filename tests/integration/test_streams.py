@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import random
 import re
 import textwrap
@@ -16,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from jobworker import JobManager, JobSpec
 from jobworker.api.proto import pb, pb_grpc
 from jobworker.client import Client
 from jobworker.client.cli.stamps import rfc3339
@@ -23,9 +25,10 @@ from jobworker.errors import JobNotFound
 from jobworker.outlog import Chunk, Stream
 from jobworker.outread import Query
 from jobworker.server.daemon import Daemon
-from jobworker.spec import JobState
+from jobworker.spec import JobState, JobStatus
+from jobworker.store import Store
 from jobworker.tls import Paths, load_client
-from tests.conftest import JOB_PYTHON, wait_for
+from tests.conftest import JOB_PYTHON, cgroup2_usable, wait_for
 from tests.integration import daemon_harness as harness
 from tests.integration.test_cli import (
     WORKER,
@@ -436,3 +439,43 @@ async def wait_async(predicate: Callable[[], Awaitable[bool]], timeout: float, w
     while not await predicate():
         assert loop.time() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.05)
+
+
+# -- logs from before streams were apart -------------------------------------------------------
+
+
+async def test_a_log_from_before_streams_were_apart_is_served_as_stdout(
+    tmp_path: Path, cgroup_name: str
+) -> None:
+    """A state directory as an earlier version left it: a record and one ``<id>.log`` holding
+    stdout and stderr together, no ``.err``, no index."""
+    if reason := cgroup2_usable():
+        pytest.skip(reason)
+    state = tmp_path / "old-state"
+    store = Store(state)
+    store.setup()
+    spec = JobSpec(argv=("sh", "-c", "old"), owner="alice")
+    now = datetime.now(UTC)
+    old = JobStatus(
+        id="old-job",
+        state=JobState.EXITED,
+        argv=spec.argv,
+        owner="alice",
+        pid=1,
+        started_at=now,
+        ended_at=now,
+        exit_code=0,
+        output_bytes=12,
+    )
+    store.save(spec, old)
+    store.log_path("old-job").write_bytes(b"out\nerr\nout\n")
+    store.close()
+    async with await JobManager.open(state, cgroup_name=cgroup_name) as mgr:
+        assert mgr.status("old-job") == old
+        everything = [c async for c in mgr.chunks("old-job", Query())]
+        assert joined(everything) == b"out\nerr\nout\n"
+        assert {c.stream for c in everything} == {Stream.STDOUT}
+        tail = [c async for c in mgr.chunks("old-job", Query(view=Stream.STDOUT, tail=2))]
+        assert joined(tail) == b"err\nout\n"
+        assert [c async for c in mgr.chunks("old-job", Query(view=Stream.STDERR))] == []
+        assert sorted(os.listdir(state / "jobs")) == ["old-job.json", "old-job.log"]
