@@ -299,7 +299,7 @@ class OutputPump:
                     n = self._move(src, room, at + moved)
                     moved += n
                 else:
-                    n = len(os.read(src.fd, SPLICE_MAX))
+                    n = len(_read(src.fd, SPLICE_MAX))
                     self._discarded += n
                     if n and self._refusal is None:
                         self._refusal = f"output exceeded the log size limit of {self._limit} bytes"
@@ -307,9 +307,6 @@ class OutputPump:
                 drained = True
                 break
             except OSError as e:
-                if e.errno == errno.EIO:  # a pty master whose slave side is closed
-                    eof = True
-                    break
                 if self._refusal is None:
                     self._refusal = f"output log write failed: {e.strerror}"
                 continue
@@ -333,7 +330,7 @@ class OutputPump:
                 if e.errno != errno.EINVAL:
                     raise
                 src.splice = False  # not a pipe (a pty master): read and write instead
-        data = os.read(src.fd, min(count, READ_MAX))
+        data = _read(src.fd, min(count, READ_MAX))
         view = memoryview(data)
         done = 0
         while done < len(data):
@@ -431,3 +428,13 @@ class OutputPump:
         it ended (a job may close its stdout and go on running). Call after EOF or abandon."""
         self.closed = True
         self._notify()
+
+
+def _read(fd: int, count: int) -> bytes:
+    """``os.read``; a pty master whose slave side is closed (EIO) reads as its end of file."""
+    try:
+        return os.read(fd, count)
+    except OSError as e:
+        if e.errno != errno.EIO:
+            raise
+        return b""
