@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import random
 import re
@@ -128,45 +129,64 @@ async def test_binary_streams_split_and_merged_byte_exact(
 # -- order ------------------------------------------------------------------------------------
 
 ALTERNATE = """
-import os, sys, time
+import json, os, sys, time
+before = []
 for i in range(int(sys.argv[1])):
+    before.append(time.time_ns() // 1000)  # just before write i
     os.write(1 + i % 2, b"%d\\n" % i)
     time.sleep(0.001)  # writes to the two streams 1 ms apart
+with open(sys.argv[2], "w") as f:
+    json.dump(before, f)
 """
 
 
 async def test_writes_1_ms_apart_keep_their_order_across_streams(
     tmp_path: Path, pki_dir: Path, cgroup_name: str
 ) -> None:
-    """Through a workerd process of its own (this test's client must not share the daemon's
-    GIL), with a follower reading live as the job writes."""
+    """Writes alternating between the streams, 1 ms apart, through a workerd process of its
+    own (this test's client must not share the daemon's GIL), with a follower reading live.
+
+    The order is the order the daemon took the bytes, so the claim checked is exact: whenever
+    the daemon received write k (the time in its chunk) before write k+1 began (the time the
+    job noted), k comes before k+1. Both times are this host's clock. That holds for every
+    pair on a host that schedules the daemon within the 1 ms; on one that does not (a VM whose
+    host steals its CPU for milliseconds) the daemon can receive a write late, after the
+    next began, and nothing can tell their order then: such pairs are counted, not checked,
+    and must stay a minority so that the check is not vacuous."""
     n = 400
+    times = tmp_path / "times.json"
     async with (
         harness.start_workerd(tmp_path, pki_dir, cgroup_name) as w,
         Client.from_pki(w.address, pki_dir, "alice") as alice,
     ):
-        st = await alice.start([JOB_PYTHON, script(tmp_path, "alt.py", ALTERNATE), str(n)])
+        job = [JOB_PYTHON, script(tmp_path, "alt.py", ALTERNATE), str(n), str(times)]
+        st = await alice.start(job)
         followed = await chunks(alice, st.id, follow=True, split=True)
         assert (await alice.wait(st.id)).exit_code == 0
         later = await chunks(alice, st.id, split=True)
-    for cs in (followed, later):
-        numbers = [int(x) for x in joined(cs).split()]
-        assert numbers == list(range(n)), out_of_order(cs, numbers)
-        for c in cs:
-            for x in c.data.split():
-                assert c.stream is (Stream.STDOUT if int(x) % 2 == 0 else Stream.STDERR)
-        times = [c.time_us for c in cs]
-        assert times == sorted(times)
+    began: list[int] = json.loads(times.read_text())
     assert [(c.offset, c.data, c.stream, c.time_us) for c in followed] == [
         (c.offset, c.data, c.stream, c.time_us) for c in later
     ]
+    received: dict[int, int] = {}
+    place: dict[int, int] = {}
+    for c in later:
+        for x in c.data.split():
+            k = int(x)
+            assert c.stream is (Stream.STDOUT if k % 2 == 0 else Stream.STDERR)
+            received[k], place[k] = c.time_us, len(place)
+    assert sorted(received) == list(range(n))  # every write, once
+    assert [c.time_us for c in later] == sorted(c.time_us for c in later)
+    timely = [k for k in range(n - 1) if received[k] < began[k + 1]]
+    for k in timely:
+        assert place[k] < place[k + 1], out_of_order(later, k)
+    assert len(timely) > (n - 1) // 2, f"only {len(timely)} of {n - 1} writes received in time"
 
 
-def out_of_order(cs: list[Chunk], numbers: list[int]) -> str:
-    """The chunks around the first write out of place, with their receive times."""
-    k = next(k for k, x in enumerate(numbers) if x != k)
+def out_of_order(cs: list[Chunk], k: int) -> str:
+    """The chunks around write ``k``, with their receive times."""
     near = [(c.stream.name, c.data, c.time_us) for c in cs if abs(int(c.data.split()[0]) - k) < 4]
-    return f"write {k} out of place; chunks near it: {near}"
+    return f"write {k + 1} came before write {k}, received before it began: {near}"
 
 
 # -- resuming in each view --------------------------------------------------------------------
