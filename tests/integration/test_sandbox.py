@@ -410,10 +410,6 @@ async def test_sandboxed_jobs_leave_nothing_behind(manager: JobManager, tmp_path
             await manager.start(JobSpec(argv=("no-such-command-xyz",), sandbox=SANDBOX))
         with pytest.raises(SpawnError):
             await manager.start(JobSpec(argv=("true",), cwd="/no/such", sandbox=SANDBOX))
-    extra = open_fds() - fds
-    import os as _os
-
-    print("EXTRA", [(_f, _os.readlink(f"/proc/self/fd/{_f}")) for _f in extra])
     assert open_fds() == fds
     assert spawner_fds(manager) == theirs  # every init's status pipe closed
     assert spawner_children(manager) == []
