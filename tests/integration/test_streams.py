@@ -499,3 +499,35 @@ async def test_a_log_from_before_streams_were_apart_is_served_as_stdout(
         assert joined(tail) == b"err\nout\n"
         assert [c async for c in mgr.chunks("old-job", Query(view=Stream.STDERR))] == []
         assert sorted(os.listdir(state / "jobs")) == ["old-job.json", "old-job.log"]
+
+
+# -- the index cannot outgrow the cap ----------------------------------------------------------
+
+TRICKLE = """
+import os, time
+for i in range(100_000):
+    os.write(1 + i % 2, b"x")  # one byte at a time, the streams in turn: a record each
+    time.sleep(0.0002)
+"""
+
+
+async def test_a_job_cannot_grow_its_index_past_the_log_cap(
+    tmp_path: Path, cgroup_name: str
+) -> None:
+    """One-byte writes alternating between the streams cost 32 bytes of index each: the index
+    counts against --max-log-bytes on its own, so such a job is stopped at the cap too."""
+    if reason := cgroup2_usable():
+        pytest.skip(reason)
+    cap = 4096
+    async with await JobManager.open(
+        tmp_path / "state", cgroup_name=cgroup_name, max_log_bytes=cap, stop_grace=0.5
+    ) as mgr:
+        st = await mgr.start(JobSpec(argv=(JOB_PYTHON, script(tmp_path, "t.py", TRICKLE))))
+        final = await mgr.wait(st.id)
+        assert final.state is JobState.STOPPED
+        assert "log size limit of 4096 bytes in its index" in final.reason, final.reason
+        assert final.output_bytes < cap  # the bytes themselves were far from it
+        idx = tmp_path / "state" / "jobs" / f"{st.id}.idx"
+        assert idx.stat().st_size <= cap
+        data = joined([c async for c in mgr.chunks(st.id, Query())])
+        assert len(data) == final.output_bytes and set(data) == {ord("x")}
