@@ -33,18 +33,21 @@ from tests.conftest import JOB_PYTHON, cgroup2_usable, wait_for
 from tests.integration import daemon_harness as harness
 from tests.integration.test_cli import (
     WORKER,
+    DroppingProxy,
     Env,
     Worker,
     invoke,
     job_id_of,
+    open_gate,
     subprocess_env,
     worker_env,
 )
 from tests.integration.test_cli import W as _W
 from tests.integration.test_cli import env as _env
+from tests.integration.test_cli import proxy as _proxy
 
 pki_dir, daemon, connect = harness.pki_dir, harness.daemon, harness.connect
-W, env = _W, _env
+W, env, proxy = _W, _env, _proxy
 Connect = harness.Connect
 
 
@@ -531,3 +534,36 @@ async def test_a_job_cannot_grow_its_index_past_the_log_cap(
         assert idx.stat().st_size <= cap
         data = joined([c async for c in mgr.chunks(st.id, Query())])
         assert len(data) == final.output_bytes and set(data) == {ord("x")}
+
+
+# -- the CLI resumes in its view after a dropped connection -----------------------------------
+
+
+@pytest.mark.parametrize("flag", ["--stdout", "--stderr"])
+async def test_logs_follow_resumes_in_its_view_after_the_connection_drops(
+    env: Env, proxy: DroppingProxy, tmp_path: Path, flag: str
+) -> None:
+    rng = random.Random(flag)
+    parts = {name: rng.randbytes(100_000 + i) for i, name in enumerate(("fo", "fe", "so", "se"))}
+    for name, data in parts.items():
+        (tmp_path / name).write_bytes(data)
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    d = tmp_path
+    script = f"cat {d}/fo; cat {d}/fe >&2; cat {gate}; cat {d}/so; cat {d}/se >&2"
+    job = job_id_of(await invoke(["start", "--", "sh", "-c", script], env))
+    proc = await asyncio.create_subprocess_exec(
+        WORKER, "--addr", f"127.0.0.1:{proxy.port}", "logs", "-f", flag, job,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=subprocess_env(env),
+    )  # fmt: skip
+    assert proc.stdout is not None
+    first, second = ("fo", "so") if flag == "--stdout" else ("fe", "se")
+    assert await proc.stdout.readexactly(len(parts[first])) == parts[first]
+    connections = proxy.accepted
+    proxy.drop()
+    await open_gate(gate)
+    rest, stderr = await proc.communicate()
+    assert sha(rest) == sha(parts[second])  # nothing lost, nothing repeated, nothing else
+    assert proc.returncode == 0, stderr
+    assert b"reconnecting" in stderr and b"Traceback" not in stderr
+    assert proxy.accepted > connections
