@@ -97,6 +97,10 @@ async def read_chunks(
                 index.count = pump.records
             if i < index.count:
                 run = index.get(i)
+                if query.since_us is not None and run.time_us < query.since_us:
+                    # Received before `since`: only while following from before it (times
+                    # never decrease, so nothing has been sent yet).
+                    pos = max(pos, run.end(view))
                 if run.end(view) <= pos:
                     i += 1  # of the other stream, or all before pos
                     continue

@@ -8,6 +8,7 @@ import os
 import pty
 import random
 import termios
+import time
 import tty
 from collections.abc import Iterator
 from pathlib import Path
@@ -254,5 +255,31 @@ async def test_the_pump_indexes_two_pipes_in_the_order_received(tmp_path: Path) 
         assert [c.stream for c in chunks] == [Stream.STDOUT, Stream.STDERR] * 10
         times = [c.time_us for c in chunks]
         assert times == sorted(times)
+    finally:
+        await pumps.close()
+
+
+async def test_a_follower_since_a_later_time_skips_what_comes_before_it(tmp_path: Path) -> None:
+    """Following from before ``since``: what arrives meanwhile, before it, is not sent."""
+    p = paths(tmp_path)
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    pumps = PumpThread()
+    try:
+        pump = pumps.add(open_files(p), out_r, None)
+        os.write(out_w, b"before\n")
+        await wait_for(lambda: pump.records == 1, what="the first record")
+        since = time.time_ns() // 1000 + 200_000  # 0.2 s ahead
+        reader = read_chunks(p, pump, Query(follow=True, since_us=since))
+        first = asyncio.ensure_future(anext(reader))
+        os.write(out_w, b"early\n")  # received after the call, before `since`
+        await wait_for(lambda: pump.records == 2, what="the early record")
+        await wait_for(lambda: time.time_ns() // 1000 > since, what="the clock past since")
+        os.write(out_w, b"after\n")
+        os.close(out_w)
+        chunk = await first
+        assert (chunk.offset, chunk.data) == (13, b"after\n")
+        assert await pump.wait_eof(5.0)
+        pump.finish()
+        assert [c async for c in reader] == []
     finally:
         await pumps.close()
