@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from jobworker import tls
-from jobworker.output import READ_CHUNK
+from jobworker.outread import READ_CHUNK
 from jobworker.server.service import SERVER_OPTIONS
 
 

@@ -22,7 +22,7 @@ from bench import _writer
 from bench._followers import BareChannel
 from bench.common import ROOT, USER, Settings, Workerd, expected_output, go_file, median
 from jobworker.client import Client
-from jobworker.output import READ_CHUNK
+from jobworker.outread import READ_CHUNK
 
 MIB = 1 << 20
 BIG_CHUNK = MIB

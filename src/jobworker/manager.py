@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import functools
 import logging
 import os
 import uuid
@@ -27,7 +28,9 @@ from jobworker.ending import UNKNOWN_EXIT, supervise
 from jobworker.ending import now as _now
 from jobworker.errors import HostError, JobNotFound, JobRunning, ShuttingDown
 from jobworker.jobtable import JobTable, PageKey
-from jobworker.output import PumpThread, read_output
+from jobworker.outlog import Chunk
+from jobworker.output import PumpThread
+from jobworker.outread import Query, data_of, read_chunks
 from jobworker.recovery import recover
 from jobworker.retention import Removal, Retention, RetentionIndex
 from jobworker.runtime import Job, SendSignal, run_stop
@@ -240,10 +243,14 @@ class JobManager:
         return job.status
 
     def output(self, job_id: str, offset: int = 0, follow: bool = False) -> AsyncIterator[bytes]:
-        """The job's bytes from ``offset``: what exists now, or with ``follow`` until the job
-        has ended and every byte is delivered. Any number of readers may run at once."""
+        """The job's bytes (both streams as received) from ``offset``: what exists now, or
+        with ``follow`` until the job has ended and every byte is delivered."""
+        return data_of(self.chunks(job_id, Query(offset=offset, follow=follow)))
+
+    def chunks(self, job_id: str, query: Query) -> AsyncIterator[Chunk]:
+        """A view of the job's output, with streams and times: see :class:`.outread.Query`."""
         job = self._get(job_id)
-        return read_output(self._store.log_path(job.id), offset, job.pump, follow)
+        return read_chunks(self._store.log_paths(job.id), job.pump, query)
 
     # -- start -----------------------------------------------------------------------------
 
@@ -274,6 +281,9 @@ class JobManager:
             self._host_io, prepare, self._store, self._tree, job_id, spec, env, lookup
         )
         group = prep.group
+        # Pumped from before the spawn: the job's first bytes are taken in the order written.
+        refused = functools.partial(self._on_output_refused, job_id)
+        pump = self._pumps.add(*prep.output, refused, self._max_log_bytes)
         try:
             self._watcher.watch(group)
             try:  # the spawner gets its own copies of these
@@ -284,7 +294,8 @@ class JobManager:
                     env,
                     spec.cwd,
                     prep.procs_fd,
-                    prep.pipe_w,
+                    prep.stdout_w,
+                    prep.stderr_w,
                     creds,
                     self._fast(spec, creds),
                     sandbox=spec.sandbox,
@@ -293,12 +304,10 @@ class JobManager:
                     nofile=self._job_nofile,
                 )
             finally:
-                os.close(prep.pipe_w)
-                os.close(prep.procs_fd)
+                prep.close_spawner_fds()
         except BaseException:
-            await abandon_start(self._store, self._tree, self._watcher, job_id, prep)
+            await abandon_start(self._store, self._tree, self._watcher, job_id, prep, pump)
             raise
-        log_fd, pipe_r = prep.log_fd, prep.pipe_r
         status = JobStatus(
             id=job_id,
             state=JobState.RUNNING,
@@ -309,11 +318,10 @@ class JobManager:
             limits=spec.limits,
         )
         job = Job(spec, status)
-        job.group = group
-        job.pump = self._pumps.add(
-            log_fd, pipe_r, lambda why: self._on_output_refused(job, why), self._max_log_bytes
-        )
+        job.group, job.pump = group, pump
         self._jobs[job_id] = job
+        if pump.refused is not None:  # before the job was known
+            self._on_output_refused(job_id, pump.refused)
         job.task = asyncio.create_task(self._supervise(job, spawned.exit_status))
         if spec.timeout is not None:
             self._deadlines[job_id] = asyncio.get_running_loop().call_later(
@@ -350,7 +358,10 @@ class JobManager:
             and (limits.pids is None or limits.pids >= 2)
         )
 
-    def _on_output_refused(self, job: Job, reason: str) -> None:
+    def _on_output_refused(self, job_id: str, reason: str) -> None:
+        job = self._jobs.get(job_id)
+        if job is None:
+            return  # not started yet: checked once it is
         log.warning("job %s: %s; stopping it", job.id, reason)
         if not job.ended.is_set():
             self._begin_stop(job, None, reason)

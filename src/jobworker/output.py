@@ -1,11 +1,19 @@
-"""A job's output: the pump that moves its pipe into the log file, and readers of that file.
+"""A job's output: the pump that moves its stdout and stderr into their logs and the index.
 
-The job's stdout and stderr are one pipe (so they interleave in the order written). One pump
-thread per manager splices every job's pipe into its log (no copy through Python; the GIL is
-released while the kernel copies) and hands each batch's new size to the event loop, which wakes
-that job's readers in-process: no polling, no inotify, one wake-up per batch however many
-readers there are. Readers ``pread`` the file at their own offset, each with its own fd, so a
-slow reader holds nothing but its offset and never blocks the job or other readers.
+The job's stdout and stderr are two pipes (a terminal job: one source, its pty master, kept as
+stdout). One pump thread per manager splices every job's pipes into their files (no copy
+through Python; the GIL is released while the kernel copies) and, per wake-up per stream,
+appends one record to the job's receive index (:mod:`jobworker.outlog`): when, which stream,
+how many bytes. The order of the records is the order in which the pump took the bytes, so
+writes to the two streams come out in the order the daemon received them. Each batch's new
+state goes to the event loop, which wakes that job's readers in-process: no polling, no
+inotify, one wake-up per batch however many readers there are. Readers ``pread`` the files at
+their own offset, each with its own fds (:mod:`jobworker.outread`), so a slow reader holds
+nothing but its offset and never blocks the job or other readers.
+
+A source that is not a pipe (a pty master) cannot be spliced from (EINVAL): it is read and
+``pwrite``-n instead; a pty master's read fails with EIO once the slave side is closed, which
+is its end of file.
 
 Why a thread: the splice is the daemon's largest cost when output is fast (77 % of the event
 loop's samples in a profile of one fast job with a follower); on the loop it delays every RPC
@@ -16,15 +24,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
+import functools
 import logging
 import os
 import select
+import sys
 import threading
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+import time
+from collections.abc import Callable
 
-from jobworker.errors import HostError, InvalidArgument
+from jobworker.outlog import RECORD, LogFiles, Run, Stream
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +43,14 @@ PIPE_SIZE = 1 << 20
 SPLICE_MAX = 1 << 20
 BATCH_SPLICES = 16
 """Splices per wake-up before serving other jobs' pipes (fairness between jobs)."""
-READ_CHUNK = 256 * 1024
-"""Most bytes per read (and so per Logs message): fewer, larger messages cost the daemon less
-per byte; a follower still gets small writes at once."""
+PUMP_NICE = -10
+"""The pump thread's nice value (the jobs keep 0)."""
+SWITCH_INTERVAL = 0.0002
+"""The process's GIL switch interval, at most (:func:`sys.setswitchinterval`)."""
+INDEX_ALLOCATION = 64 * 1024
+"""Index bytes allocated at a time (2048 records)."""
+READ_MAX = 256 * 1024
+"""Most bytes per read from a source that cannot be spliced (a pty master)."""
 
 
 def make_pipe() -> tuple[int, int]:
@@ -46,21 +62,42 @@ def make_pipe() -> tuple[int, int]:
     return r, w
 
 
-class PumpThread:
-    """The one thread that moves every job's output into its log.
+class _Source:
+    """One read fd of a job (its stdout pipe, its stderr pipe, or a pty master)."""
 
-    Everything it touches of an :class:`OutputPump` is the thread side (``_written``,
-    ``_discarded``, ``_refusal``, the fds); the loop side (``size``...) is only changed on the
-    loop, by :meth:`OutputPump._publish`, which the thread schedules with
-    ``call_soon_threadsafe`` at most once at a time per pump.
+    __slots__ = ("closed", "fd", "log_fd", "splice", "stream")
+
+    def __init__(self, fd: int, stream: Stream, log_fd: int) -> None:
+        self.fd = fd
+        self.stream = stream
+        self.log_fd = log_fd
+        self.splice = True
+        """Whether splice works on it; a pty master answers EINVAL and is read instead."""
+        self.closed = False
+
+
+class PumpThread:
+    """The one thread that moves every job's output into its logs.
+
+    Everything it touches of an :class:`OutputPump` is the thread side (``_out``, ``_err``,
+    ``_records``, ``_discarded``, ``_refusal``, the fds); the loop side (``size``,
+    ``records``...) is only changed on the loop, by :meth:`OutputPump._publish`, which the
+    thread schedules with ``call_soon_threadsafe`` at most once at a time per pump.
     """
 
     def __init__(self) -> None:
+        # The pump takes the GIL back within this long of its wake-up, however busy the loop
+        # (Python's default, 5 ms, lets writes 1 ms apart to the two streams swap places).
+        if sys.getswitchinterval() > SWITCH_INTERVAL:
+            sys.setswitchinterval(SWITCH_INTERVAL)
         self._loop = asyncio.get_running_loop()
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._epoll.register(self._wake_r, select.EPOLLIN)
-        self._pumps: dict[int, OutputPump] = {}
+        self._sources: dict[int, tuple[OutputPump, _Source]] = {}
+        self._again: list[tuple[OutputPump, _Source]] = []
+        """Sources that still held bytes when their batch ended (edge-triggered: no new
+        event would come for them)."""
         self._lock = threading.Lock()
         self._commands: list[Callable[[], None]] = []
         self._running = True
@@ -76,29 +113,50 @@ class PumpThread:
 
     def add(
         self,
-        log_fd: int,
-        pipe_r: int,
+        files: LogFiles,
+        stdout_r: int,
+        stderr_r: int | None,
         on_refused: Callable[[str], None] | None = None,
         limit: int | None = None,
     ) -> OutputPump:
-        """Start pumping ``pipe_r`` into ``log_fd``; both fds now belong to the pump."""
-        pump = OutputPump(self, log_fd, pipe_r, on_refused, limit)
-        os.set_blocking(pipe_r, False)
+        """Start pumping ``stdout_r`` (and ``stderr_r``, unless ``None``: a terminal job's one
+        source is its stdout) into ``files``; the files and the fds now belong to the pump."""
+        sources = [_Source(stdout_r, Stream.STDOUT, files.out)]
+        if stderr_r is not None:
+            sources.append(_Source(stderr_r, Stream.STDERR, files.err))
+        pump = OutputPump(self, files, sources, on_refused, limit)
+        for src in sources:
+            os.set_blocking(src.fd, False)
 
         def register() -> None:
-            self._pumps[pipe_r] = pump
-            self._epoll.register(pipe_r, select.EPOLLIN)
-            pump._transfer()  # anything written before registration
+            for src in sources:
+                self._sources[src.fd] = (pump, src)
+                # Edge-triggered: a source enters epoll's ready list when bytes arrive, so one
+                # wake-up hands the sources over in the order they received bytes (level-
+                # triggered, a source just drained would be put back first, ahead of the other
+                # stream's newer bytes, whenever the pump is late).
+                self._epoll.register(src.fd, select.EPOLLIN | select.EPOLLET)
+            for src in sources:
+                pump._transfer(src)  # anything written before registration
 
         self._call(register)
         return pump
 
     def _run(self) -> None:
+        # Ahead of the jobs (and the daemon's other threads) for the CPU: the order of the two
+        # streams is the order the pump takes their bytes, so it must come promptly when they
+        # arrive, also on a busy host (best effort: only root may raise a priority).
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PUMP_NICE)
         while self._running:
             try:
-                events = self._epoll.poll()
+                # Sources left with bytes by the fairness limit go first, before new events.
+                events = self._epoll.poll(0 if self._again else -1)
             except InterruptedError:
                 continue
+            again, self._again = self._again, []
+            for pump, src in again:
+                self._guarded(functools.partial(pump._transfer, src))
             for fd, _mask in events:
                 if fd == self._wake_r:
                     with contextlib.suppress(BlockingIOError):
@@ -109,9 +167,9 @@ class PumpThread:
                     for command in commands:
                         self._guarded(command)
                 else:
-                    pump = self._pumps.get(fd)
-                    if pump is not None:
-                        self._guarded(pump._transfer)
+                    entry = self._sources.get(fd)
+                    if entry is not None:
+                        self._guarded(functools.partial(entry[0]._transfer, entry[1]))
 
     def _guarded(self, step: Callable[[], None]) -> None:
         # A bug in one step must not stop every job's output: log it and go on.
@@ -120,9 +178,9 @@ class PumpThread:
         except Exception:
             log.exception("output pump step failed")
 
-    def _forget(self, pipe_r: int) -> None:
-        if self._pumps.pop(pipe_r, None) is not None:
-            self._epoll.unregister(pipe_r)
+    def _forget(self, fd: int) -> None:
+        if self._sources.pop(fd, None) is not None:
+            self._epoll.unregister(fd)
 
     async def close(self) -> None:
         """Stop the thread (pumps still open are closed) and wait for it."""
@@ -130,7 +188,7 @@ class PumpThread:
             return
 
         def stop() -> None:
-            for pump in list(self._pumps.values()):
+            for pump in {pump for pump, _ in self._sources.values()}:
                 pump._close_in_thread()
             self._running = False
 
@@ -142,19 +200,20 @@ class PumpThread:
 
 
 class OutputPump:
-    """One job's pipe → log. Made by :meth:`PumpThread.add`.
+    """One job's sources → its logs and index. Made by :meth:`PumpThread.add`.
 
-    When the log cannot take more — the size cap is reached, or a write fails (ENOSPC) — the
-    pump calls ``on_refused`` once (on the loop) with the reason and from then on drains the
-    pipe without storing (counting the bytes in :attr:`discarded`), so the job is never wedged
-    on a full pipe while its owner stops it.
+    When the logs cannot take more — the size cap is reached (by both streams' bytes, or by
+    the index's records), or a write fails (ENOSPC) — the pump calls ``on_refused`` once (on
+    the loop) with the reason and from then on drains the sources without storing (counting
+    the bytes in :attr:`discarded`), so the job is never wedged on a full pipe while its owner
+    stops it.
     """
 
     def __init__(
         self,
         owner: PumpThread,
-        log_fd: int,
-        pipe_r: int,
+        files: LogFiles,
+        sources: list[_Source],
         on_refused: Callable[[str], None] | None,
         limit: int | None,
     ) -> None:
@@ -163,41 +222,89 @@ class OutputPump:
         self._on_refused = on_refused
         self._limit = limit
         # Thread side.
-        self._log_fd = log_fd
-        self._pipe_r = pipe_r
-        self._written = 0
+        self._files = files
+        self._sources = sources
+        self._out = 0
+        self._err = 0
+        self._records = 0
+        self._last_time = 0
+        self._allocated = 0
+        """Bytes of the index file allocated (its records come first, zeros after)."""
+        self._committed = (0, 0)
+        """(records, bytes) as one value: a publish never sees bytes without their record."""
         self._discarded = 0
         self._refusal: str | None = None
         self._eof_seen = False
         self._publish_pending = False
         # Loop side.
         self.size = 0
-        """Bytes in the log, as far as readers may read."""
+        """Bytes of both streams in the logs, as far as readers may read."""
+        self.records = 0
+        """Records of the index readers may read."""
         self.discarded = 0
         self.refused: str | None = None
         self.closed = False
-        """No byte will be added: the pipe is drained and the job has ended (:meth:`finish`)."""
+        """No byte will be added: the sources are drained and the job has ended
+        (:meth:`finish`)."""
         self._changed: asyncio.Future[None] | None = None
         self._eof: asyncio.Future[None] = self._loop.create_future()
 
     # -- pump thread -------------------------------------------------------------------------
 
-    def _transfer(self) -> None:
-        if self._eof_seen:
+    def _room(self, pending: int) -> int:
+        """Bytes this batch may still store: the cap counts both streams' bytes; the index,
+        32 bytes per reception, may grow as large as the cap too, no larger."""
+        if not self._index_room():
+            return 0
+        if self._limit is None:
+            return SPLICE_MAX
+        if (self._records + 1) * RECORD.size > self._limit:
+            if self._refusal is None:
+                self._refusal = (
+                    f"output exceeded the log size limit of {self._limit} bytes "
+                    f"in its index ({self._records} receptions)"
+                )
+            return 0
+        return min(SPLICE_MAX, self._limit - (self._out + self._err + pending))
+
+    def _index_room(self) -> bool:
+        """Whether the index has room, allocated ahead, for this batch's record: bytes are
+        only taken when their record is sure to fit (a full disk must not leave bytes stored
+        but unindexed, so unread). The file is cut to its records when the pump ends."""
+        if (self._records + 1) * RECORD.size <= self._allocated:
+            return True
+        if self._refusal is None:
+            try:
+                os.posix_fallocate(self._files.idx, self._allocated, INDEX_ALLOCATION)
+            except OSError as e:
+                self._refusal = f"output log write failed: {e.strerror}"
+                return False
+            self._allocated += INDEX_ALLOCATION
+            return True
+        return False
+
+    def _transfer(self, src: _Source, batch: int = BATCH_SPLICES) -> None:
+        """Move what ``src`` holds (up to ``batch`` splices), then index it as one record."""
+        if src.closed:
             return
+        received = max(time.time_ns() // 1000, self._last_time)
+        at = self._out if src.stream is Stream.STDOUT else self._err
+        moved = 0
         eof = False
-        for _ in range(BATCH_SPLICES):
-            room = SPLICE_MAX if self._limit is None else self._limit - self._written
+        drained = False
+        for _ in range(batch):
+            room = self._room(moved)
             try:
                 if self._refusal is None and room > 0:
-                    n = os.splice(self._pipe_r, self._log_fd, room, offset_dst=self._written)
-                    self._written += n
+                    n = self._move(src, room, at + moved)
+                    moved += n
                 else:
-                    n = len(os.read(self._pipe_r, SPLICE_MAX))
+                    n = len(_read(src.fd, SPLICE_MAX))
                     self._discarded += n
                     if n and self._refusal is None:
                         self._refusal = f"output exceeded the log size limit of {self._limit} bytes"
             except BlockingIOError:
+                drained = True
                 break
             except OSError as e:
                 if self._refusal is None:
@@ -206,32 +313,66 @@ class OutputPump:
             if n == 0:
                 eof = True
                 break
+        if moved:
+            self._index(src.stream, moved, received)
         if eof:
-            self._close_in_thread()
-        else:
-            self._schedule_publish()
-
-    def _close_in_thread(self) -> None:
-        if self._eof_seen:
-            return
-        self._transfer_rest()
-        self._eof_seen = True
-        self._owner._forget(self._pipe_r)
-        os.close(self._pipe_r)
-        os.close(self._log_fd)
+            self._end_source(src)
+        elif not drained:
+            self._owner._again.append((self, src))
         self._schedule_publish()
 
-    def _transfer_rest(self) -> None:
-        # Whatever is still in the pipe when we stop early (abandon): take it, don't wait.
-        with contextlib.suppress(OSError):
-            while True:
-                room = SPLICE_MAX if self._limit is None else self._limit - self._written
-                if self._refusal is not None or room <= 0:
-                    break
-                n = os.splice(self._pipe_r, self._log_fd, room, offset_dst=self._written)
-                if n == 0:
-                    break
-                self._written += n
+    @staticmethod
+    def _move(src: _Source, count: int, at: int) -> int:
+        if src.splice:
+            try:
+                return os.splice(src.fd, src.log_fd, count, offset_dst=at)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                src.splice = False  # not a pipe (a pty master): read and write instead
+        data = _read(src.fd, min(count, READ_MAX))
+        view = memoryview(data)
+        done = 0
+        while done < len(data):
+            done += os.pwrite(src.log_fd, view[done:], at + done)
+        return len(data)
+
+    def _index(self, stream: Stream, n: int, received: int) -> None:
+        run = Run(received, self._out, self._err, n, stream)
+        try:
+            os.pwrite(self._files.idx, run.pack(), self._records * RECORD.size)
+        except OSError as e:
+            # The bytes stay unindexed (unread), and the next batch overwrites them.
+            if self._refusal is None:
+                self._refusal = f"output log write failed: {e.strerror}"
+            return
+        self._records += 1
+        self._last_time = received
+        if stream is Stream.STDOUT:
+            self._out += n
+        else:
+            self._err += n
+        self._committed = (self._records, self._out + self._err)
+
+    def _end_source(self, src: _Source) -> None:
+        src.closed = True
+        self._owner._forget(src.fd)
+        os.close(src.fd)
+        if all(s.closed for s in self._sources) and not self._eof_seen:
+            self._eof_seen = True
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._files.idx, self._records * RECORD.size)
+            self._files.close()
+
+    def _close_in_thread(self) -> None:
+        # Whatever the sources still hold when we stop early (abandon): take it, don't wait
+        # (a bounded amount: a writer outside the job may go on writing).
+        for src in self._sources:
+            if not src.closed:
+                self._transfer(src, 4 * BATCH_SPLICES)
+            if not src.closed:
+                self._end_source(src)
+        self._schedule_publish()
 
     def _schedule_publish(self) -> None:
         if not self._publish_pending:
@@ -242,8 +383,8 @@ class OutputPump:
 
     def _publish(self) -> None:
         self._publish_pending = False  # before reading: a later change schedules again
-        eof = self._eof_seen  # before the size: once EOF is seen, the size is final
-        self.size = self._written
+        eof = self._eof_seen  # before the sizes: once EOF is seen, they are final
+        self.records, self.size = self._committed
         self.discarded = self._discarded
         refusal = self._refusal
         if refusal is not None and self.refused is None:
@@ -267,7 +408,7 @@ class OutputPump:
         await asyncio.shield(self._changed)
 
     async def wait_eof(self, timeout: float | None = None) -> bool:
-        """Wait until every writer has closed the pipe; ``False`` on timeout."""
+        """Wait until every writer has closed the sources; ``False`` on timeout."""
         try:
             await asyncio.wait_for(asyncio.shield(self._eof), timeout)
         except TimeoutError:
@@ -275,61 +416,25 @@ class OutputPump:
         return True
 
     async def abandon(self) -> None:
-        """Stop pumping now, keeping what the pipe holds (a writer outside the job's cgroup
-        still has it open), and wait until the final size is published."""
+        """Stop pumping now, keeping what the sources hold (a writer outside the job's cgroup
+        still has one open), and wait until the final state is published."""
         self._owner._call(self._close_in_thread)
         await asyncio.shield(self._eof)
 
     def finish(self) -> None:
         """The job has ended and its status is final: followers may end after the last byte.
 
-        Kept apart from the pipe's EOF so a follower never ends before the job's status says
+        Kept apart from the sources' EOF so a follower never ends before the job's status says
         it ended (a job may close its stdout and go on running). Call after EOF or abandon."""
         self.closed = True
         self._notify()
 
 
-async def read_output(
-    path: Path, offset: int, pump: OutputPump | None, follow: bool, chunk: int = READ_CHUNK
-) -> AsyncIterator[bytes]:
-    """Bytes of a job's log from ``offset``: what exists now, or (``follow``) until the end.
-
-    ``pump`` is ``None`` for a job whose output is complete. A follower of a running job ends
-    right after the last byte once the job has ended. An offset past the end of an ended job's
-    output is :class:`InvalidArgument`, also when a follower waited there for bytes that never
-    came.
-    """
-    if offset < 0:
-        raise InvalidArgument(f"offset must be >= 0, got {offset}")
+def _read(fd: int, count: int) -> bytes:
+    """``os.read``; a pty master whose slave side is closed (EIO) reads as its end of file."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return os.read(fd, count)
     except OSError as e:
-        raise HostError(f"cannot open the job's log {path}: {e.strerror}") from e
-    try:
-        if pump is None or pump.closed:
-            end = os.fstat(fd).st_size
-            if offset > end:
-                raise InvalidArgument(
-                    f"offset {offset} is past the end of the output ({end} bytes)"
-                )
-        while True:
-            done = pump is None or pump.closed
-            end = os.fstat(fd).st_size if pump is None else pump.size
-            if offset < end:
-                data = os.pread(fd, min(chunk, end - offset), offset)
-                if not data:
-                    return
-                offset += len(data)
-                yield data
-                continue
-            if done and offset > end:
-                # Followed from past the end, and the job ended short of it.
-                raise InvalidArgument(
-                    f"offset {offset} is past the end of the output ({end} bytes)"
-                )
-            if done or not follow:
-                return
-            assert pump is not None
-            await pump.changed()
-    finally:
-        os.close(fd)
+        if e.errno != errno.EIO:
+            raise
+        return b""

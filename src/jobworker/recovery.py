@@ -3,7 +3,6 @@ manager that died. Jobs that were running are killed through their groups and ma
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,9 +49,8 @@ async def _mark_lost(
     group = tree.group(status.id)
     if group.exists():
         await kill_group(tree, watcher, group)
-    size = 0
-    with contextlib.suppress(OSError):
-        size = store.log_path(status.id).stat().st_size
+    store.repair(status.id)
+    size = store.output_size(status.id)
     lost = replace(
         status,
         state=JobState.LOST,

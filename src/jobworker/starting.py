@@ -17,7 +17,8 @@ from jobworker.cgroup.tree import CgroupTree, open_procs
 from jobworker.cgroup.watch import EventsWatcher
 from jobworker.ending import EOF_TIMEOUT
 from jobworker.errors import JobworkerError
-from jobworker.output import make_pipe
+from jobworker.outlog import LogFiles
+from jobworker.output import OutputPump, make_pipe
 from jobworker.runtime import kill_until_empty
 from jobworker.spawn.lookup import resolve_command
 from jobworker.spec import JobSpec
@@ -32,11 +33,26 @@ DEFAULT_NOFILE = 1024
 @dataclass(frozen=True, slots=True)
 class Prepared:
     path: str
-    log_fd: int
+    files: LogFiles
     group: Path
-    pipe_r: int
-    pipe_w: int
+    stdout_r: int
+    stdout_w: int
+    stderr_r: int | None
+    """``None`` when the job has one source only (stdout)."""
+    stderr_w: int
     procs_fd: int
+
+    @property
+    def output(self) -> tuple[LogFiles, int, int | None]:
+        """What the pump takes: the files, the stdout and the stderr read ends."""
+        return self.files, self.stdout_r, self.stderr_r
+
+    def close_spawner_fds(self) -> None:
+        """The fds the spawner got copies of (the job's ends of its pipes, cgroup.procs)."""
+        os.close(self.stdout_w)
+        if self.stderr_w != self.stdout_w:
+            os.close(self.stderr_w)
+        os.close(self.procs_fd)
 
 
 def prepare(
@@ -51,28 +67,36 @@ def prepare(
     ``lookup`` the command and cwd are checked by the spawner's child instead."""
     path = spec.argv[0] if lookup else resolve_command(spec.argv[0], env["PATH"], spec.cwd)
     with contextlib.ExitStack() as undo:
-        log_fd = store.create(job_id)
+        files = store.create(job_id)
         undo.callback(store.discard, job_id)
-        undo.callback(close_quietly, log_fd)
+        undo.callback(files.close)
         group = tree.create(job_id)
         undo.callback(tree.try_remove, group)
         controllers.apply(group, spec.limits)
-        pipe_r, pipe_w = make_pipe()
-        undo.callback(close_quietly, pipe_r)
-        undo.callback(close_quietly, pipe_w)
+        pipes: list[int] = []
+        for _stream in range(2):  # stdout, stderr
+            r, w = make_pipe()
+            undo.callback(close_quietly, r)
+            undo.callback(close_quietly, w)
+            pipes += (r, w)
         procs_fd = open_procs(group)
         undo.pop_all()
-    return Prepared(path, log_fd, group, pipe_r, pipe_w, procs_fd)
+    out_r, out_w, err_r, err_w = pipes
+    return Prepared(path, files, group, out_r, out_w, err_r, err_w, procs_fd)
 
 
 async def abandon_start(
-    store: Store, tree: CgroupTree, watcher: EventsWatcher, job_id: str, prep: Prepared
+    store: Store,
+    tree: CgroupTree,
+    watcher: EventsWatcher,
+    job_id: str,
+    prep: Prepared,
+    pump: OutputPump,
 ) -> None:
     """Undo a start whose spawn failed. A process may already run in the group (the
     spawner can die between its spawn and its reply): no record knows it, so it is killed
-    before the group is removed."""
-    close_quietly(prep.log_fd)
-    close_quietly(prep.pipe_r)
+    before the group is removed. The pump owns the logs and pipes: it closes them."""
+    await pump.abandon()
     try:
         if tree.populated(prep.group):
             log.warning("job %s: start failed with a process in its group; killing it", job_id)

@@ -1,4 +1,6 @@
-"""Job records on disk: ``STATE/jobs/<id>.json`` beside ``STATE/jobs/<id>.log``.
+"""Job records on disk: ``STATE/jobs/<id>.json`` beside the job's output, ``<id>.log`` (its
+stdout), ``<id>.err`` (its stderr) and ``<id>.idx`` (the index that interleaves them; the
+format: :mod:`jobworker.outlog`).
 
 The record is created when the job starts and replaced atomically (temp file + rename) when it
 ends, so after any crash each record is either the running one or the final one. The final
@@ -30,6 +32,7 @@ from typing import Any
 from jobworker._dirlock import lock_directory
 from jobworker.errors import HostError
 from jobworker.limits import IOLimit, Limits
+from jobworker.outlog import ERR, IDX, LogFiles, LogPaths, repair
 from jobworker.spec import JobSpec, JobState, JobStatus, Network, Sandbox, Usage
 
 RECORD = ".json"
@@ -73,18 +76,45 @@ class Store:
             self._lock_fd = -1
 
     def log_path(self, job_id: str) -> Path:
+        """The job's stdout (and all its output, for a job from before streams were apart)."""
         return self.jobs / (job_id + LOG)
+
+    def log_paths(self, job_id: str) -> LogPaths:
+        base = self.jobs / job_id
+        return LogPaths(self.log_path(job_id), Path(f"{base}{ERR}"), Path(f"{base}{IDX}"))
+
+    def output_size(self, job_id: str) -> int:
+        """Bytes of output on disk (both streams)."""
+        size = 0
+        paths = self.log_paths(job_id)
+        for path in (paths.out, paths.err):
+            with contextlib.suppress(OSError):
+                size += path.stat().st_size
+        return size
+
+    def repair(self, job_id: str) -> None:
+        """Index what a job wrote but a crash left unindexed (see :func:`outlog.repair`)."""
+        try:
+            repair(self.log_paths(job_id))
+        except OSError as e:
+            log.warning("job %s: its output index could not be repaired: %s", job_id, e)
 
     def record_path(self, job_id: str) -> Path:
         return self.jobs / (job_id + RECORD)
 
-    def create(self, job_id: str) -> int:
-        """Create the job's log and open it for writing; returns the fd."""
-        path = self.log_path(job_id)
+    def create(self, job_id: str) -> LogFiles:
+        """Create the job's logs and index and open them for writing."""
+        fds: list[int] = []
+        paths = self.log_paths(job_id)
         try:
-            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            for path in (paths.out, paths.err, paths.idx):
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                fds.append(os.open(path, flags, 0o600))
         except OSError as e:
+            for fd in fds:
+                os.close(fd)
             raise HostError(f"cannot create the job's log {path}: {e.strerror}") from e
+        return LogFiles(*fds)
 
     def remove(self, job_id: str) -> None:
         """Remove an ended job's record and log, for good (the directory is fsynced)."""
@@ -100,7 +130,7 @@ class Store:
 
     def discard(self, job_id: str) -> None:
         """Remove everything of a job that never started."""
-        for suffix in (LOG, RECORD, TMP):
+        for suffix in (LOG, ERR, IDX, RECORD, TMP):
             with contextlib.suppress(FileNotFoundError):
                 (self.jobs / (job_id + suffix)).unlink()
 
@@ -133,14 +163,16 @@ class Store:
             raise HostError(f"cannot write the record of job {status.id}: {e.strerror}") from e
 
     def _sync_log(self, job_id: str) -> None:
-        try:
-            fd = os.open(self.log_path(job_id), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return
-        try:
-            self._fsync(fd)
-        finally:
-            os.close(fd)
+        paths = self.log_paths(job_id)
+        for path in (paths.out, paths.err, paths.idx):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                self._fsync(fd)
+            finally:
+                os.close(fd)
 
     def _sync_dir(self) -> None:
         """The renamed record's (and the log's) directory entry."""
@@ -206,11 +238,12 @@ class Store:
             spec = JobSpec(argv=argv, owner=owner)
         except ValueError:
             spec = JobSpec(argv=(UNKNOWN_COMMAND,))
+        self.repair(job_id)
+        size = self.output_size(job_id)
         try:
-            st = self.log_path(job_id).stat()
-            size, mtime = st.st_size, datetime.fromtimestamp(st.st_mtime, UTC)
+            mtime = datetime.fromtimestamp(self.log_path(job_id).stat().st_mtime, UTC)
         except OSError:
-            size, mtime = 0, datetime.now(UTC)
+            mtime = datetime.now(UTC)
         try:
             started_at = datetime.fromisoformat(salvage["started_at"])
         except (KeyError, TypeError, ValueError):

@@ -137,7 +137,9 @@ def job_id_of(result: Result) -> str:
 async def test_start_prints_only_the_id_and_wait_passes_the_exit_code_through(
     W: Worker, connect: Connect
 ) -> None:
-    job = job_id_of(await W("start", "--", "sh", "-c", "echo out; echo err >&2; exit 7"))
+    job = job_id_of(
+        await W("start", "--", "sh", "-c", "echo out; sleep 0.01; echo err >&2; exit 7")
+    )
     status = await connect("alice").status(job)
     assert status.owner == "alice"
 
@@ -160,7 +162,7 @@ async def test_wait_and_run_exit_with_128_plus_the_signal(W: Worker) -> None:
 
 async def test_run_streams_output_and_exits_with_the_jobs_code(W: Worker) -> None:
     ok = await W("run", "--", "sh", "-c", "printf out; printf err >&2")
-    assert (ok.exit_code, ok.stdout_bytes, ok.stderr) == (0, b"outerr", "")
+    assert (ok.exit_code, ok.stdout_bytes, ok.stderr) == (0, b"out", "err")
     failed = await W("run", "--", "sh", "-c", "echo partial; exit 42")
     assert (failed.exit_code, failed.stdout_bytes) == (42, b"partial\n")
 

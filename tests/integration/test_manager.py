@@ -43,7 +43,10 @@ async def collect(mgr: JobManager, job_id: str, offset: int = 0, follow: bool = 
 
 async def test_exit_code_and_interleaved_output(manager: JobManager) -> None:
     st = await manager.start(
-        JobSpec(argv=("sh", "-c", "echo out; echo err >&2; echo out2; exit 3"))
+        # Writes to the two streams keep their order when 1 ms apart or more (here 10 ms).
+        JobSpec(
+            argv=("sh", "-c", "echo out; sleep 0.01; echo err >&2; sleep 0.01; echo out2; exit 3")
+        )
     )
     assert st.state is JobState.RUNNING
     final = await manager.wait(st.id)

@@ -22,7 +22,9 @@ async def test_remove_an_ended_job(daemon: Daemon, connect: Connect, tmp_path: P
     job = await alice.start(["echo", "bye"])
     await alice.wait(job.id)
     jobs = tmp_path / "state" / "jobs"
-    assert {p.name for p in jobs.iterdir()} == {f"{job.id}.log", f"{job.id}.json"}
+    assert {p.name for p in jobs.iterdir()} == {
+        f"{job.id}{suffix}" for suffix in (".log", ".err", ".idx", ".json")
+    }
     await alice.remove(job.id)
     assert list(jobs.iterdir()) == []
     with pytest.raises(JobNotFound):

@@ -414,7 +414,8 @@ async def test_sandboxed_jobs_leave_nothing_behind(manager: JobManager, tmp_path
     assert spawner_fds(manager) == theirs  # every init's status pipe closed
     assert spawner_children(manager) == []
     assert [p for p in manager.cgroup_parent.iterdir() if p.is_dir()] == []
-    assert len(os.listdir(tmp_path / "state" / "jobs")) == 2 * (1 + 3 * 2)  # log + record
+    # stdout, stderr, index + record
+    assert len(os.listdir(tmp_path / "state" / "jobs")) == 4 * (1 + 3 * 2)
 
 
 async def test_many_sandboxed_jobs_at_once(manager: JobManager) -> None:

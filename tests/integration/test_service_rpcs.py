@@ -67,20 +67,20 @@ def assert_contiguous(chunks: list[tuple[int, bytes]], start: int = 0) -> None:
 async def test_start_status_wait_logs(connect: Connect) -> None:
     alice = connect("alice")
     st = await alice.start(
-        ["sh", "-c", 'echo "$GREETING from $(pwd)"; echo err >&2; exit 3'],
+        ["sh", "-c", 'echo "$GREETING from $(pwd)"; sleep 0.01; echo err >&2; exit 3'],
         env={"GREETING": "hello"},
         cwd="/tmp",
     )
     assert st.state is JobState.RUNNING
     assert st.owner == "alice"
-    assert st.argv == ("sh", "-c", 'echo "$GREETING from $(pwd)"; echo err >&2; exit 3')
+    assert st.argv == ("sh", "-c", 'echo "$GREETING from $(pwd)"; sleep 0.01; echo err >&2; exit 3')
     assert st.pid > 0
     final = await alice.wait(st.id)
     assert (final.state, final.exit_code, final.signal) == (JobState.EXITED, 3, None)
     assert final.ended_at is not None and final.ended_at >= final.started_at
     assert final.output_bytes == len(b"hello from /tmp\nerr\n")
     assert await alice.status(st.id) == final
-    assert await collect(alice, st.id) == [(0, b"hello from /tmp\nerr\n")]
+    assert await collect(alice, st.id) == [(0, b"hello from /tmp\n"), (16, b"err\n")]
 
 
 async def test_stop_reports_who_stopped(connect: Connect, tmp_path: Path) -> None:
@@ -249,7 +249,8 @@ async def test_client_disconnecting_mid_stream_leaves_nothing(
         stream = client.logs(st.id, follow=True)
         assert await anext(stream) == (0, b"first\n")
         assert follower_gauge(daemon) == 1
-        assert len(log_fds(st.id)) == len(readers_before) + 1
+        # One fd on each of the job's files: its stdout, its stderr, its index.
+        assert len(log_fds(st.id)) == len(readers_before) + 3
         if how == "cancel":
             await stream.aclose()
             await client.close()

@@ -149,7 +149,15 @@ async def spawn(
     try:
         path = shutil.which(argv[0]) or argv[0]
         return await spawner.spawn(
-            path, argv, {"PATH": "/usr/bin:/bin"}, cwd, procs_fd, out_fd, Credentials(), fast
+            path,
+            argv,
+            {"PATH": "/usr/bin:/bin"},
+            cwd,
+            procs_fd,
+            out_fd,
+            out_fd,
+            Credentials(),
+            fast,
         )
     finally:
         os.close(procs_fd)

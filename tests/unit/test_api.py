@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from jobworker.api import convert
 from jobworker.api.convert import limits_from_pb, limits_to_pb, status_from_pb, status_to_pb
 from jobworker.api.errors import ERROR_CODES, code_for, error_for
 from jobworker.api.proto import pb
@@ -30,6 +31,8 @@ from jobworker.errors import (
     Unauthenticated,
 )
 from jobworker.limits import IOLimit, Limits
+from jobworker.outlog import Chunk, Stream
+from jobworker.outread import Query
 from jobworker.spec import JobState, JobStatus, Usage
 
 T0 = datetime(2030, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
@@ -242,3 +245,19 @@ async def test_the_list_conversion_cache_is_bounded() -> None:
     assert "job-0" not in servicer._listed and f"job-{service_module.LISTED_CACHE + 499}" in (
         servicer._listed
     )
+
+
+def test_logs_queries_and_chunks_round_trip() -> None:
+    for query in (
+        Query(),
+        Query(view=Stream.STDERR, offset=7, follow=True, tail=0, since_us=1_796_000_000_123_456),
+        Query(view=Stream.STDOUT, tail=10, split=True),
+    ):
+        assert convert.query_from_pb(convert.logs_request_to_pb("j", query)) == query
+    chunk = Chunk(12, b"\0\xff", Stream.STDERR, 1_796_000_000_654_321)
+    assert convert.chunk_from_pb(convert.chunk_to_pb(chunk)) == chunk
+
+
+def test_a_stream_outside_the_enum_is_invalid() -> None:
+    with pytest.raises(InvalidArgument, match="stream 9 is not one of STDOUT"):
+        convert.query_from_pb(pb.LogsRequest(id="j", stream=9))  # type: ignore[arg-type]

@@ -57,7 +57,7 @@ def test_the_script_replies_with_an_error_when_pipe2_or_fork_fails(
     before = set(os.listdir("/proc/self/fd"))
     r, w = os.pipe()
     try:
-        reply = script_spawner.spawn_fork(SPAWN, r, w)
+        reply = script_spawner.spawn_fork(SPAWN, r, w, w)
     finally:
         os.close(r)
         os.close(w)
@@ -76,7 +76,7 @@ class FakeScript:
     def request(self) -> tuple[object, ...]:
         while not (msgs := self.reader.messages()):
             assert self.reader.feed()
-        for fd in self.reader.take_fds(2):
+        for fd in self.reader.take_fds(3):
             os.close(fd)
         (msg,) = msgs
         return msg
@@ -101,7 +101,7 @@ async def connected() -> AsyncIterator[tuple[Spawner, FakeScript]]:
 async def _start(spawner: Spawner) -> None:
     r, w = os.pipe()
     try:
-        await spawner.spawn("/bin/true", ("true",), {}, "/", r, w, Credentials(), False)
+        await spawner.spawn("/bin/true", ("true",), {}, "/", r, w, w, Credentials(), False)
     finally:
         os.close(r)
         os.close(w)
@@ -180,7 +180,7 @@ async def test_after_close_the_spawner_is_not_alive_and_wait_dead_returns_none(
 async def _start_job(spawner: Spawner) -> Spawned:
     r, w = os.pipe()
     try:
-        return await spawner.spawn("/bin/true", ("true",), {}, "/", r, w, Credentials(), False)
+        return await spawner.spawn("/bin/true", ("true",), {}, "/", r, w, w, Credentials(), False)
     finally:
         os.close(r)
         os.close(w)

@@ -30,7 +30,7 @@ class FakeScript:
     def request(self) -> tuple[object, ...]:
         while not (msgs := self.reader.messages()):
             assert self.reader.feed()
-        for fd in self.reader.take_fds(2):
+        for fd in self.reader.take_fds(3):
             os.close(fd)
         (msg,) = msgs
         return msg
@@ -58,6 +58,7 @@ async def _spawn(spawner: Spawner, argv0: str, **kwargs: object) -> None:
             {"PATH": "/a:/b"},
             "/w",
             r,
+            w,
             w,
             Credentials(),
             True,

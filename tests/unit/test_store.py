@@ -31,7 +31,7 @@ def test_record_round_trip(tmp_path: Path) -> None:
         usage=Usage(cpu_user_usec=5, memory_peak=10),
         output_bytes=7,
     )
-    os.close(store.create("j1"))
+    store.create("j1").close()
     assert store.log_path("j1").stat().st_mode & 0o777 == 0o600
     store.save(spec, replace(status, state=JobState.RUNNING), new=True)
     store.save(spec, status)
@@ -80,9 +80,9 @@ def test_final_record_is_fsynced_with_log_and_directory(tmp_path: Path) -> None:
     for store in make_store(tmp_path / "state", fsync):
         assert store.record_path("j1") == record
         spec = JobSpec(argv=("echo", "hello"), owner="alice")
-        fd = store.create("j1")
-        os.write(fd, b"hello")
-        os.close(fd)
+        files = store.create("j1")
+        os.write(files.out, b"hello")
+        files.close()
         start = replace(ended("j1", spec), state=JobState.RUNNING, ended_at=None)
         store.save(spec, start, new=True)
         assert synced == []  # the start record is not made durable
@@ -90,16 +90,18 @@ def test_final_record_is_fsynced_with_log_and_directory(tmp_path: Path) -> None:
         start_text = json.dumps({"version": 1, "spec": spec_to_dict(spec), **status_to_dict(start)})
         assert synced == [
             (str(store.log_path("j1")), start_text),
+            (str(store.jobs / "j1.err"), start_text),
+            (str(store.jobs / "j1.idx"), start_text),
             (str(store.jobs / "j1.json.tmp"), start_text),  # new record, before its rename
             (str(store.jobs), store.record_path("j1").read_text()),  # the rename, after it
         ]
-        assert json.loads(synced[2][1])["state"] == "exited"
+        assert json.loads(synced[-1][1])["state"] == "exited"
 
 
 def test_log_without_record_is_lost_and_kept(store: Store) -> None:
-    fd = store.create("half")
-    os.write(fd, b"out")
-    os.close(fd)
+    files = store.create("half")
+    os.write(files.out, b"out")
+    files.close()
     [(spec, status)] = store.load_all()
     assert store.log_path("half").read_bytes() == b"out"
     assert (status.id, status.state, status.output_bytes) == ("half", JobState.LOST, 3)
@@ -108,23 +110,23 @@ def test_log_without_record_is_lost_and_kept(store: Store) -> None:
 
 
 def test_start_record_cut_short_is_lost_with_its_log_kept(store: Store) -> None:
-    fd = store.create("cut")
-    os.write(fd, b"12345678")
-    os.close(fd)
+    files = store.create("cut")
+    os.write(files.out, b"12345678")
+    files.close()
     store.record_path("cut").write_text('{"version": 1, "spec": {"argv": ["sl')
     (store.jobs / "other.json.tmp").write_text("{")
     [(spec, status)] = store.load_all()
     assert (status.id, status.state, status.output_bytes) == ("cut", JobState.LOST, 8)
     assert "record is unreadable" in status.reason and "output is kept" in status.reason
     assert status.ended_at is not None and status.pid == 0
-    assert sorted(os.listdir(store.jobs)) == ["cut.json", "cut.log"]
+    assert sorted(os.listdir(store.jobs)) == ["cut.err", "cut.idx", "cut.json", "cut.log"]
     assert store.log_path("cut").read_bytes() == b"12345678"
     # The lost record replaced the bad one: the next restart reads the same job.
     assert list(store.load_all()) == [(spec, status)]
 
 
 def test_unreadable_record_keeps_what_it_still_tells(store: Store) -> None:
-    os.close(store.create("j2"))
+    store.create("j2").close()
     store.record_path("j2").write_text(
         json.dumps({"owner": "bob", "argv": ["sleep", "9"], "started_at": "2026-01-01T00:00"})
     )
@@ -136,7 +138,7 @@ def test_unreadable_record_keeps_what_it_still_tells(store: Store) -> None:
 
 
 def test_record_that_cannot_be_read_at_all(store: Store) -> None:
-    os.close(store.create("j3"))
+    store.create("j3").close()
     store.record_path("j3").mkdir()  # reading it fails with EISDIR; nothing can replace it
     [(_, status)] = store.load_all()
     assert status.state is JobState.LOST and "could not be read" in status.reason

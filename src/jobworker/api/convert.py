@@ -12,6 +12,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from jobworker.api.proto import pb
 from jobworker.errors import InvalidArgument
 from jobworker.limits import IOLimit, Limits
+from jobworker.outlog import Chunk, Stream
+from jobworker.outread import Query
 from jobworker.spec import JobState, JobStatus, Network, Usage
 
 _STATES: dict[JobState, pb.JobState.ValueType] = {
@@ -201,4 +203,74 @@ def status_from_pb(msg: pb.JobStatus) -> JobStatus:
         limits=limits_from_pb(msg.limits),
         usage=_usage_from_pb(msg.usage) if msg.HasField("usage") else None,
         output_bytes=msg.output_bytes,
+    )
+
+
+# -- Logs ---------------------------------------------------------------------------------------
+
+_STREAMS: dict[Stream, pb.Stream.ValueType] = {
+    Stream.STDOUT: pb.STREAM_STDOUT,
+    Stream.STDERR: pb.STREAM_STDERR,
+}
+_STREAMS_BACK = {v: k for k, v in _STREAMS.items()}
+
+
+def stream_to_pb(stream: Stream | None) -> pb.Stream.ValueType:
+    """``None``: unspecified (in a request: both streams, merged)."""
+    return pb.STREAM_UNSPECIFIED if stream is None else _STREAMS[stream]
+
+
+def stream_from_pb(value: int) -> Stream | None:
+    if value == pb.STREAM_UNSPECIFIED:
+        return None
+    try:
+        return _STREAMS_BACK[value]  # type: ignore[index]
+    except KeyError:
+        raise InvalidArgument(
+            f"stream {value} is not one of STDOUT ({pb.STREAM_STDOUT}), STDERR "
+            f"({pb.STREAM_STDERR}) or unset (both)"
+        ) from None
+
+
+def logs_request_to_pb(job_id: str, query: Query) -> pb.LogsRequest:
+    request = pb.LogsRequest(
+        id=job_id,
+        follow=query.follow,
+        offset=query.offset,
+        stream=stream_to_pb(query.view),
+        tail_lines=query.tail,
+        split_by_time=query.split,
+    )
+    if query.since_us is not None:
+        seconds, micros = divmod(query.since_us, 1_000_000)
+        request.since.seconds, request.since.nanos = seconds, micros * 1000
+    return request
+
+
+def query_from_pb(request: pb.LogsRequest) -> Query:
+    """Raises :class:`InvalidArgument` for a stream that is not one."""
+    since = None
+    if request.HasField("since"):
+        since = request.since.seconds * 1_000_000 + request.since.nanos // 1000
+    return Query(
+        view=stream_from_pb(request.stream),
+        offset=request.offset,
+        follow=request.follow,
+        tail=request.tail_lines if request.HasField("tail_lines") else None,
+        since_us=since,
+        split=request.split_by_time,
+    )
+
+
+def chunk_to_pb(chunk: Chunk) -> pb.LogsChunk:
+    seconds, micros = divmod(chunk.time_us, 1_000_000)
+    msg = pb.LogsChunk(offset=chunk.offset, data=chunk.data, stream=_STREAMS[chunk.stream])
+    msg.time.seconds, msg.time.nanos = seconds, micros * 1000
+    return msg
+
+
+def chunk_from_pb(msg: pb.LogsChunk) -> Chunk:
+    stream = _STREAMS_BACK.get(msg.stream, Stream.STDOUT)
+    return Chunk(
+        msg.offset, msg.data, stream, msg.time.seconds * 1_000_000 + msg.time.nanos // 1000
     )

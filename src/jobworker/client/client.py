@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import sys
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import grpc
 from grpc import aio
@@ -33,6 +35,8 @@ from jobworker.api.errors import ERROR_TRAILER, error_for
 from jobworker.api.proto import pb, pb_grpc
 from jobworker.errors import JobworkerError, RemoteError
 from jobworker.limits import Limits
+from jobworker.outlog import Chunk, Stream
+from jobworker.outread import Query
 from jobworker.spec import JobStatus, Network
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -210,15 +214,24 @@ class Client:
     async def logs(
         self, job_id: str, *, follow: bool = False, offset: int = 0
     ) -> AsyncGenerator[tuple[int, bytes], None]:
-        """``(offset, data)`` batches of the job's output from ``offset``. With ``follow`` it
-        ends once the job has ended and every byte was received. After a broken connection,
-        call again with the offset after the last byte received: nothing is lost or repeated.
-        Leaving the loop early cancels the stream on the daemon."""
-        call = self._stub.Logs(pb.LogsRequest(id=job_id, follow=follow, offset=offset))
+        """``(offset, data)`` batches of the job's output (stdout and stderr interleaved in the
+        order the daemon received them) from ``offset``. With ``follow`` it ends once the job
+        has ended and every byte was received. After a broken connection, call again with the
+        offset after the last byte received: nothing is lost or repeated. Leaving the loop
+        early cancels the stream on the daemon. :meth:`chunks` tells the streams apart."""
+        async for chunk in self.chunks(job_id, Query(offset=offset, follow=follow)):
+            yield chunk.offset, chunk.data
+
+    async def chunks(self, job_id: str, query: Query) -> AsyncGenerator[Chunk, None]:
+        """:class:`~jobworker.outlog.Chunk` s of one view of the job's output (both streams,
+        or ``query.view`` alone), each with its stream and the time the daemon received it,
+        from ``query.offset``, the last ``query.tail`` lines or ``query.since_us``. Resume in
+        the same view with ``offset`` after the last byte received."""
+        call = self._stub.Logs(convert.logs_request_to_pb(job_id, query))
         self._streams.add(call)
         try:
-            async for chunk in call:
-                yield chunk.offset, chunk.data
+            async for msg in call:
+                yield convert.chunk_from_pb(msg)
         except grpc.RpcError as e:
             raise _translate(e, job_id) from None
         except asyncio.CancelledError:
@@ -229,3 +242,24 @@ class Client:
         finally:
             self._streams.discard(call)
             call.cancel()
+
+    async def copy_output(
+        self,
+        job_id: str,
+        *,
+        follow: bool = False,
+        offset: int = 0,
+        stdout: BinaryIO | None = None,
+        stderr: BinaryIO | None = None,
+    ) -> int:
+        """Write the job's stdout to ``stdout`` and its stderr to ``stderr`` (default: this
+        process's), in the order received, from ``offset`` in the merged view; returns the
+        offset after the last byte written (to resume from after a broken connection)."""
+        out = stdout if stdout is not None else sys.stdout.buffer
+        err = stderr if stderr is not None else sys.stderr.buffer
+        async for chunk in self.chunks(job_id, Query(offset=offset, follow=follow)):
+            f = err if chunk.stream is Stream.STDERR else out
+            f.write(chunk.data)
+            f.flush()
+            offset = chunk.offset + len(chunk.data)
+        return offset

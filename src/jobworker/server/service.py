@@ -414,15 +414,14 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
     ) -> AsyncGenerator[pb.LogsChunk]:
         async with self._rpc("Logs", context) as identity:
             self._job(identity, Action.LOGS, request.id)
+            query = convert.query_from_pb(request)
             with self._quotas.stream(identity.name, "Logs"):
-                offset = request.offset
                 self._metrics.followers.inc()
-                output = self._mgr.output(request.id, offset=offset, follow=request.follow)
+                output = self._mgr.chunks(request.id, query)
                 try:
-                    async for data in output:
-                        yield pb.LogsChunk(offset=offset, data=data)
-                        offset += len(data)
-                        self._metrics.bytes_streamed.inc(len(data))
+                    async for chunk in output:
+                        yield convert.chunk_to_pb(chunk)
+                        self._metrics.bytes_streamed.inc(len(chunk.data))
                 finally:
                     self._metrics.followers.dec()
                     await _aclose(output)
@@ -454,7 +453,7 @@ def _page_after(token: str) -> PageKey:
         raise InvalidArgument(BAD_PAGE_TOKEN) from None
 
 
-async def _aclose(iterator: AsyncIterator[bytes]) -> None:
+async def _aclose(iterator: AsyncIterator[object]) -> None:
     """Close an output reader now (its fd), not whenever it is garbage-collected."""
     aclose = getattr(iterator, "aclose", None)
     if aclose is not None:

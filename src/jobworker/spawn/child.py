@@ -18,7 +18,8 @@ socket closes.
 
 Wire format on the stream socket, both ways: 4-byte big-endian length + a ``marshal``-ed tuple.
 Requests: ``("spawn", req_id, path, argv, env, cwd, uid, gid, groups, fast, options)`` with two
-fds attached (cgroup.procs of the job's group, the write end of its output pipe); ``options``
+fds attached (cgroup.procs of the job's group, the write ends of its stdout and its stderr
+pipe: the same fd twice for a terminal); ``options``
 (optional, a dict) may hold ``nofile`` (the job's RLIMIT_NOFILE soft limit), ``lookup`` (the
 job's PATH: ``path`` is then argv[0], looked up in the child with the job's own credentials)
 and ``sandbox`` (``{"net": bool, "hide": [path, ...]}``: namespaces, see :func:`Spawner.
@@ -176,21 +177,24 @@ class Spawner(sandbox_child.Sandboxing):
                 os.close(self.home_fd)
             self.home_fd = fd
         elif msg[0] == "spawn":
-            procs_fd, out_fd = reader.take_fds(2)
+            procs_fd, out_fd, err_fd = reader.take_fds(3)
             opts = _options(msg)
             try:
                 if opts.get("sandbox") is not None:
-                    reply = self.spawn_sandboxed(msg, procs_fd, out_fd)
+                    reply = self.spawn_sandboxed(msg, procs_fd, out_fd, err_fd)
                 elif msg[9] and self.home_fd >= 0 and opts.get("lookup") is None:
-                    reply = self.spawn_fast(msg, procs_fd, out_fd)
+                    reply = self.spawn_fast(msg, procs_fd, out_fd, err_fd)
                 else:
-                    reply = self.spawn_fork(msg, procs_fd, out_fd)
+                    reply = self.spawn_fork(msg, procs_fd, out_fd, err_fd)
             finally:
                 os.close(procs_fd)
                 os.close(out_fd)
+                os.close(err_fd)
             send_message(self.sock, reply)
 
-    def spawn_fast(self, msg: tuple[Any, ...], procs_fd: int, out_fd: int) -> tuple[Any, ...]:
+    def spawn_fast(
+        self, msg: tuple[Any, ...], procs_fd: int, out_fd: int, err_fd: int
+    ) -> tuple[Any, ...]:
         """vfork+exec (posix_spawn) from inside the job's group.
 
         The spawner steps into the job's cgroup, so the child is born there, and steps back
@@ -223,7 +227,7 @@ class Spawner(sandbox_child.Sandboxing):
                         file_actions=[
                             (os.POSIX_SPAWN_DUP2, self.devnull, 0),
                             (os.POSIX_SPAWN_DUP2, out_fd, 1),
-                            (os.POSIX_SPAWN_DUP2, out_fd, 2),
+                            (os.POSIX_SPAWN_DUP2, err_fd, 2),
                         ],
                         setsid=True,
                         setsigdef=self.reset_signals,
@@ -244,7 +248,9 @@ class Spawner(sandbox_child.Sandboxing):
             return ("err", req_id, e.errno or errno.EIO, stage)
         return ("ok", req_id, pid)
 
-    def spawn_fork(self, msg: tuple[Any, ...], procs_fd: int, out_fd: int) -> tuple[Any, ...]:
+    def spawn_fork(
+        self, msg: tuple[Any, ...], procs_fd: int, out_fd: int, err_fd: int
+    ) -> tuple[Any, ...]:
         """fork, then in the child: into the job's group, session, stdio, cwd, credentials,
         exec. Safe here because this process never runs a thread."""
         req_id = msg[1]
@@ -260,7 +266,7 @@ class Spawner(sandbox_child.Sandboxing):
             except OSError as e:
                 return ("err", req_id, e.errno or errno.EIO, "fork")
             if pid == 0:
-                self._child(procs_fd, out_fd, err_w, msg, False)
+                self._child(procs_fd, out_fd, err_fd, err_w, msg, False)
             os.close(err_w)
             err_w = -1
             report = _read_report(err_r)
@@ -275,7 +281,13 @@ class Spawner(sandbox_child.Sandboxing):
         return ("ok", req_id, pid)
 
     def _child(
-        self, procs_fd: int, out_fd: int, err_w: int, msg: tuple[Any, ...], sandboxed: bool
+        self,
+        procs_fd: int,
+        out_fd: int,
+        err_fd: int,
+        err_w: int,
+        msg: tuple[Any, ...],
+        sandboxed: bool,
     ) -> None:
         _op, _req, path, argv, env, cwd, uid, gid, groups, _fast = msg[:10]
         opts = _options(msg)
@@ -293,7 +305,7 @@ class Spawner(sandbox_child.Sandboxing):
             stage = "stdio"
             os.dup2(self.devnull, 0)
             os.dup2(out_fd, 1)
-            os.dup2(out_fd, 2)
+            os.dup2(err_fd, 2)
             if opts.get("nofile") is not None:
                 stage = "rlimit"
                 hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]

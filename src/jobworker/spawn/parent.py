@@ -247,6 +247,7 @@ class Spawner:
         cwd: str,
         procs_fd: int,
         out_fd: int,
+        err_fd: int,
         creds: Credentials,
         fast: bool,
         *,
@@ -294,7 +295,7 @@ class Spawner:
             options,
         )
         try:
-            await self._send(message, [procs_fd, out_fd])
+            await self._send(message, [procs_fd, out_fd, err_fd])
         except OSError as e:
             self._pending.pop(req, None)
             self._requests.pop(req, None)

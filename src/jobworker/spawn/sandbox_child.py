@@ -59,11 +59,19 @@ class Sandboxing:
     status_pipes: dict[int, int]
 
     def _child(
-        self, procs_fd: int, out_fd: int, err_w: int, msg: tuple[Any, ...], sandboxed: bool
+        self,
+        procs_fd: int,
+        out_fd: int,
+        err_fd: int,
+        err_w: int,
+        msg: tuple[Any, ...],
+        sandboxed: bool,
     ) -> None:
         raise NotImplementedError  # the spawner's fork path: child.py's Spawner._child
 
-    def spawn_sandboxed(self, msg: tuple[Any, ...], procs_fd: int, out_fd: int) -> tuple[Any, ...]:
+    def spawn_sandboxed(
+        self, msg: tuple[Any, ...], procs_fd: int, out_fd: int, err_fd: int
+    ) -> tuple[Any, ...]:
         """A job in namespaces of its own, behind a minimal init.
 
         The spawner unshares CLONE_NEWPID for itself (that only changes where its next child
@@ -107,7 +115,7 @@ class Sandboxing:
                 if pid != 0 and self.libc.setns(self.pid_ns, CLONE_NEWPID) != 0:
                     os._exit(70)
             if pid == 0:
-                self._init(procs_fd, out_fd, err_w, status_w, msg)
+                self._init(procs_fd, out_fd, err_fd, err_w, status_w, msg)
             os.close(err_w)
             err_w = -1
             os.close(status_w)
@@ -142,7 +150,13 @@ class Sandboxing:
         return STATUS.unpack(data)[0] if len(data) == STATUS.size else status
 
     def _init(
-        self, procs_fd: int, out_fd: int, err_w: int, status_w: int, msg: tuple[Any, ...]
+        self,
+        procs_fd: int,
+        out_fd: int,
+        err_fd: int,
+        err_w: int,
+        status_w: int,
+        msg: tuple[Any, ...],
     ) -> None:
         """PID 1 of a sandbox: set up the namespaces, fork the job, then be its init."""
         stage = "cgroup"
@@ -168,7 +182,7 @@ class Sandboxing:
             job = os.fork()
             if job == 0:
                 os.close(status_w)
-                self._child(procs_fd, out_fd, err_w, msg, True)
+                self._child(procs_fd, out_fd, err_fd, err_w, msg, True)
         except OSError as e:
             os.write(err_w, marshal.dumps((e.errno or errno.EIO, stage)))
             os._exit(127)

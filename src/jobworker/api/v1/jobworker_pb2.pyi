@@ -78,6 +78,24 @@ NETWORK_NONE: Network.ValueType  # 2
 """A network namespace of the job's own, with only loopback up."""
 Global___Network: _TypeAlias = Network  # noqa: Y015
 
+class _Stream:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StreamEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Stream.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STREAM_UNSPECIFIED: _Stream.ValueType  # 0
+    STREAM_STDOUT: _Stream.ValueType  # 1
+    STREAM_STDERR: _Stream.ValueType  # 2
+
+class Stream(_Stream, metaclass=_StreamEnumTypeWrapper):
+    """One of a job's output streams."""
+
+STREAM_UNSPECIFIED: Stream.ValueType  # 0
+STREAM_STDOUT: Stream.ValueType  # 1
+STREAM_STDERR: Stream.ValueType  # 2
+Global___Stream: _TypeAlias = Stream  # noqa: Y015
+
 @_typing.final
 class IOLimit(_message.Message):
     """Caps for one block device ("MAJ:MIN", e.g. "8:0"); unset = unlimited."""
@@ -582,46 +600,86 @@ class LogsRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    TAIL_LINES_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    SPLIT_BY_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     follow: _builtins.bool
     """Keep the stream open and send new output until the job has ended."""
     offset: _builtins.int
-    """Byte offset to start from; resume with the offset after the last byte received."""
+    """Byte offset to start from, in the view asked for (see stream); resume with the offset after
+    the last byte received, in the same view.
+    """
+    stream: Global___Stream.ValueType
+    """The view: unset, both streams interleaved in the order received (offsets count the bytes
+    of both); STDOUT or STDERR, that stream alone (offsets count its bytes only).
+    """
+    tail_lines: _builtins.int
+    """Start at the last N lines of the view as it is when the call begins (a last line without
+    its newline counts); 0: none of what exists, only what comes (with follow).
+    """
+    split_by_time: _builtins.bool
+    """Never let a chunk span two receptions, so that its time is that of each of its bytes (for
+    timestamping lines); otherwise a chunk may hold bytes of one stream received later.
+    """
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Start at the first byte received at or after this time."""
+
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         follow: _builtins.bool = ...,
         offset: _builtins.int = ...,
+        stream: Global___Stream.ValueType = ...,
+        tail_lines: _builtins.int | None = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        split_by_time: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_tail_lines", b"_tail_lines", "since", b"since", "tail_lines", b"tail_lines"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "id", b"id", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_tail_lines", b"_tail_lines", "follow", b"follow", "id", b"id", "offset", b"offset", "since", b"since", "split_by_time", b"split_by_time", "stream", b"stream", "tail_lines", b"tail_lines"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__tail_lines: _TypeAlias = _typing.Literal["tail_lines"]  # noqa: Y015
+    _WhichOneofArgType__tail_lines: _TypeAlias = _typing.Literal["_tail_lines", b"_tail_lines"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tail_lines) -> _WhichOneofReturnType__tail_lines | None: ...
 
 Global___LogsRequest: _TypeAlias = LogsRequest  # noqa: Y015
 
 @_typing.final
 class LogsChunk(_message.Message):
-    """A batch of output (up to 64 KiB)."""
+    """A batch of output (up to 256 KiB), all of one stream. When offset, tail_lines and since all
+    say where to start, the latest of the three wins.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     OFFSET_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
     offset: _builtins.int
-    """Offset of data[0] in the job's output."""
+    """Offset of data[0] in the view asked for."""
     data: _builtins.bytes
+    stream: Global___Stream.ValueType
+    """The stream the bytes are from."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the daemon received data[0] (UTC, microseconds)."""
+
     def __init__(
         self,
         *,
         offset: _builtins.int = ...,
         data: _builtins.bytes = ...,
+        stream: Global___Stream.ValueType = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset", "stream", b"stream", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -105,8 +105,9 @@ class JobWorkerServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def Logs(self, request, context):
-        """A job's output (stdout and stderr interleaved, as written) from a byte offset. With follow,
-        the stream ends only once the job has ended and every byte was sent.
+        """A job's output from a byte offset, a tail or a time: stdout and stderr interleaved in the
+        order the daemon received them, or one of them. Each chunk says its stream and when it was
+        received. With follow, the stream ends only once the job has ended and every byte was sent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

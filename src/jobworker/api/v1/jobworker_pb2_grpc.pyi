@@ -53,8 +53,9 @@ class JobWorkerStub:
     List: _grpc.UnaryUnaryMultiCallable[_jobworker_pb2.ListRequest, _jobworker_pb2.ListResponse]
     """Jobs the caller may see."""
     Logs: _grpc.UnaryStreamMultiCallable[_jobworker_pb2.LogsRequest, _jobworker_pb2.LogsChunk]
-    """A job's output (stdout and stderr interleaved, as written) from a byte offset. With follow,
-    the stream ends only once the job has ended and every byte was sent.
+    """A job's output from a byte offset, a tail or a time: stdout and stderr interleaved in the
+    order the daemon received them, or one of them. Each chunk says its stream and when it was
+    received. With follow, the stream ends only once the job has ended and every byte was sent.
     """
     Wait: _grpc.UnaryUnaryMultiCallable[_jobworker_pb2.WaitRequest, _jobworker_pb2.WaitResponse]
     """Block until the job has ended; returns its final status."""
@@ -78,8 +79,9 @@ class JobWorkerAsyncStub(JobWorkerStub):
     List: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.ListRequest, _jobworker_pb2.ListResponse]  # type: ignore[assignment]
     """Jobs the caller may see."""
     Logs: _aio.UnaryStreamMultiCallable[_jobworker_pb2.LogsRequest, _jobworker_pb2.LogsChunk]  # type: ignore[assignment]
-    """A job's output (stdout and stderr interleaved, as written) from a byte offset. With follow,
-    the stream ends only once the job has ended and every byte was sent.
+    """A job's output from a byte offset, a tail or a time: stdout and stderr interleaved in the
+    order the daemon received them, or one of them. Each chunk says its stream and when it was
+    received. With follow, the stream ends only once the job has ended and every byte was sent.
     """
     Wait: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.WaitRequest, _jobworker_pb2.WaitResponse]  # type: ignore[assignment]
     """Block until the job has ended; returns its final status."""
@@ -130,8 +132,9 @@ class JobWorkerServicer(metaclass=_abc_1.ABCMeta):
         request: _jobworker_pb2.LogsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_jobworker_pb2.LogsChunk], _abc.AsyncIterator[_jobworker_pb2.LogsChunk]]:
-        """A job's output (stdout and stderr interleaved, as written) from a byte offset. With follow,
-        the stream ends only once the job has ended and every byte was sent.
+        """A job's output from a byte offset, a tail or a time: stdout and stderr interleaved in the
+        order the daemon received them, or one of them. Each chunk says its stream and when it was
+        received. With follow, the stream ends only once the job has ended and every byte was sent.
         """
 
     @_abc_1.abstractmethod

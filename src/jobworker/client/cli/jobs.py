@@ -19,8 +19,11 @@ from jobworker.client.cli.exits import CommandExit, Exit, StdoutClosed, finish, 
 from jobworker.client.cli.render import echo_json, list_text, outcome, status_json, status_text
 from jobworker.client.cli.session import Session, follow_output, remote, wait_for_end
 from jobworker.client.cli.settings import settings_of
+from jobworker.client.cli.stamps import Stamper, parse_since
 from jobworker.errors import InvalidArgument, JobworkerError
 from jobworker.limits import Limits
+from jobworker.outlog import Stream
+from jobworker.outread import Query
 from jobworker.spec import DEADLINE_REASON, JobState, JobStatus, Network
 from jobworker.units import DURATION_FORM, parse_duration
 
@@ -217,13 +220,13 @@ def run(
     """
     settings = settings_of(ctx)
     limits, variables, place = _limits(options), _env(env), _placement(options)
-    out = sys.stdout.buffer
+    out, err = sys.stdout.buffer, sys.stderr.buffer
 
     async def body(session: Session) -> JobStatus:
         status = await session.client.start(command, env=variables, cwd=cwd, limits=limits, **place)
         with _interruptible(session, status.id) as detached:
             try:
-                await follow_output(session, status.id, True, out)
+                await follow_output(session, status.id, True, out, err)
                 final = await wait_for_end(session, status.id)
             except StdoutClosed:
                 # As SIGPIPE would end a local command whose reader went away.
@@ -376,20 +379,60 @@ def wait(ctx: click.Context, job_id: str, as_json: bool) -> None:
 
 @cli.command()
 @click.option("-f", "--follow", is_flag=True, help="Keep streaming until the job has ended.")
+@click.option("--stdout", "only_stdout", is_flag=True, help="Only the job's stdout.")
+@click.option("--stderr", "only_stderr", is_flag=True, help="Only the job's stderr.")
+@click.option(
+    "--timestamps",
+    is_flag=True,
+    help="Prefix each line with the time (RFC 3339, UTC, µs) the daemon received it.",
+)
+@click.option(
+    "--tail",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Start at the last N lines (then follow, with -f).",
+)
+@click.option(
+    "--since",
+    metavar="DURATION|TIME",
+    help="Start at what was received since then: 10m, 1h, or 2026-12-02T07:00:00Z.",
+)
 @JOB_ID
 @click.pass_context
-def logs(ctx: click.Context, follow: bool, job_id: str) -> None:
-    """Write a job's output (stdout and stderr, interleaved) to stdout, byte for byte.
+def logs(
+    ctx: click.Context,
+    follow: bool,
+    only_stdout: bool,
+    only_stderr: bool,
+    timestamps: bool,
+    tail: int | None,
+    since: str | None,
+    job_id: str,
+) -> None:
+    """Write a job's output to stdout, byte for byte: stdout and stderr interleaved in the
+    order the daemon received them, or with --stdout or --stderr that stream alone.
 
-    With -f, stream until the job has ended and every byte is out; a dropped connection is
+    With -f, stream until the job has ended and every byte is out, the job's stderr to
+    stderr (unless --stdout or --stderr picks one stream); a dropped connection is
     re-established and the stream resumes where it stopped.
     """
     settings = settings_of(ctx)
+    if only_stdout and only_stderr:
+        raise click.UsageError("--stdout and --stderr exclude each other; give neither for both")
+    view = Stream.STDOUT if only_stdout else Stream.STDERR if only_stderr else None
+    try:
+        since_us = None if since is None else parse_since(since)
+    except InvalidArgument as e:
+        raise click.BadParameter(str(e).removeprefix("--since: "), param_hint="--since") from e
+    follow = follow or settings.follow
     out = sys.stdout.buffer
+    err = sys.stderr.buffer if follow and view is None else None
+    query = Query(view=view, tail=tail, since_us=since_us)
+    stamper = Stamper() if timestamps else None
 
     async def body(session: Session) -> None:
         await session.client.status(job_id)  # a fast first answer: not found, no daemon, ...
-        await follow_output(session, job_id, follow or settings.follow, out)
+        await follow_output(session, job_id, follow, out, err, query=query, stamper=stamper)
 
     remote(settings, body)
 

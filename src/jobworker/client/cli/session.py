@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any, BinaryIO, TypeVar
 
 from jobworker.client.cli.exits import StdoutClosed, error_exit, warn
 from jobworker.client.cli.settings import Settings
+from jobworker.client.cli.stamps import Stamper
 from jobworker.errors import ConfigError, JobworkerError, RemoteError, ShuttingDown
+from jobworker.outlog import Stream
+from jobworker.outread import Query
 from jobworker.spec import JobStatus
 
 T = TypeVar("T")
@@ -74,22 +78,44 @@ class Session:
             await self.renew()
 
 
-async def follow_output(session: Session, job_id: str, follow: bool, out: BinaryIO) -> int:
-    """Copy the job's output to ``out`` exactly, resuming at the last offset after a dropped
-    connection. Returns the number of bytes written."""
-    offset = 0
+async def follow_output(
+    session: Session,
+    job_id: str,
+    follow: bool,
+    out: BinaryIO,
+    err: BinaryIO | None = None,
+    *,
+    query: Query | None = None,
+    stamper: Stamper | None = None,
+) -> int:
+    """Copy one view of the job's output exactly (``query``: which one, from where; default:
+    both streams from the start) — all of it to ``out``, or with ``err`` its stderr there —
+    resuming after a dropped connection at the offset after the last byte received (in the
+    same view; ``tail`` and ``since`` only apply until the first byte comes). ``stamper``
+    prefixes lines with their times. Returns the offset after the last byte written."""
+    q = replace(query or Query(), follow=follow, split=stamper is not None)
+    offset = q.offset
+    received = False
 
     async def attempt() -> None:
-        nonlocal offset
-        async for at, data in session.client.logs(job_id, follow=follow, offset=offset):
-            if at != offset:
-                raise RemoteError("DATA_LOSS", f"expected output at offset {offset}, got {at}")
+        nonlocal offset, received
+        ask = replace(q, offset=offset) if received else q
+        if received:
+            ask = replace(ask, tail=None, since_us=None)
+        async for c in session.client.chunks(job_id, ask):
+            if received and c.offset != offset:
+                raise RemoteError(
+                    "DATA_LOSS", f"expected output at offset {offset}, got {c.offset}"
+                )
+            target = err if err is not None and c.stream is Stream.STDERR else out
+            data = c.data if stamper is None else stamper.stamp(id(target), c.data, c.time_us)
             try:
-                out.write(data)
-                out.flush()
+                target.write(data)
+                target.flush()
             except BrokenPipeError:
                 raise StdoutClosed() from None
-            offset += len(data)
+            received = True
+            offset = c.offset + len(c.data)
 
     await session.retrying(
         lambda: f"job {job_id}'s output at byte {offset}", attempt, lambda: offset
