@@ -25,7 +25,7 @@ from jobworker.cgroup.tree import CgroupTree
 from jobworker.cgroup.watch import EventsWatcher
 from jobworker.ending import UNKNOWN_EXIT, supervise
 from jobworker.ending import now as _now
-from jobworker.errors import HostError, JobNotFound, JobRunning, ShuttingDown
+from jobworker.errors import HostError, JobNotFound, JobRunning, ShuttingDown, StdinClosed
 from jobworker.jobtable import JobTable, PageKey
 from jobworker.output import PumpThread, read_output
 from jobworker.recovery import recover
@@ -35,6 +35,7 @@ from jobworker.spawn.keeper import SpawnerKeeper
 from jobworker.spec import DEADLINE_REASON, Credentials, JobSpec, JobState, JobStatus
 from jobworker.starting import abandon_start, masked, prepare, raise_nofile_limit
 from jobworker.store import Store
+from jobworker.terminal import JobInput
 from jobworker.units import format_duration
 
 __all__ = ["DEFAULT_STOP_GRACE", "UNKNOWN_EXIT", "JobManager", "PageKey"]
@@ -245,6 +246,14 @@ class JobManager:
         job = self._get(job_id)
         return read_output(self._store.log_path(job.id), offset, job.pump, follow)
 
+    def input(self, job_id: str) -> JobInput:
+        """The stdin of a job started with ``stdin`` or a ``terminal``; :class:`StdinClosed`
+        for a job without one, or whose stdin is closed (it has ended)."""
+        job = self._get(job_id)
+        if job.input is None or job.input.closed:
+            raise StdinClosed(f"job {job_id} has no open stdin (start it with stdin or a tty)")
+        return job.input
+
     # -- start -----------------------------------------------------------------------------
 
     async def start(self, spec: JobSpec, credentials: Credentials | None = None) -> JobStatus:
@@ -291,10 +300,11 @@ class JobManager:
                     hidden=self._hidden,
                     lookup=lookup,
                     nofile=self._job_nofile,
+                    stdin_fd=prep.stdin_r,
+                    tty=spec.terminal is not None,
                 )
             finally:
-                os.close(prep.pipe_w)
-                os.close(prep.procs_fd)
+                prep.close_child_ends()
         except BaseException:
             await abandon_start(self._store, self._tree, self._watcher, job_id, prep)
             raise
@@ -310,6 +320,7 @@ class JobManager:
         )
         job = Job(spec, status)
         job.group = group
+        job.input = JobInput(prep.input_w, spec.terminal is not None) if spec.stdin else None
         job.pump = self._pumps.add(
             log_fd, pipe_r, lambda why: self._on_output_refused(job, why), self._max_log_bytes
         )

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import select
+import stat
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -84,6 +86,7 @@ class PumpThread:
         """Start pumping ``pipe_r`` into ``log_fd``; both fds now belong to the pump."""
         pump = OutputPump(self, log_fd, pipe_r, on_refused, limit)
         os.set_blocking(pipe_r, False)
+        pump._pipe = stat.S_ISFIFO(os.fstat(pipe_r).st_mode)
 
         def register() -> None:
             self._pumps[pipe_r] = pump
@@ -169,6 +172,8 @@ class OutputPump:
         self._discarded = 0
         self._refusal: str | None = None
         self._eof_seen = False
+        self._pipe = True
+        """``False`` for a terminal's master, which splice refuses: see :meth:`_move`."""
         self._publish_pending = False
         # Loop side.
         self.size = 0
@@ -190,10 +195,10 @@ class OutputPump:
             room = SPLICE_MAX if self._limit is None else self._limit - self._written
             try:
                 if self._refusal is None and room > 0:
-                    n = os.splice(self._pipe_r, self._log_fd, room, offset_dst=self._written)
+                    n = self._move(room)
                     self._written += n
                 else:
-                    n = len(os.read(self._pipe_r, SPLICE_MAX))
+                    n = len(self._read(SPLICE_MAX))
                     self._discarded += n
                     if n and self._refusal is None:
                         self._refusal = f"output exceeded the log size limit of {self._limit} bytes"
@@ -210,6 +215,27 @@ class OutputPump:
             self._close_in_thread()
         else:
             self._schedule_publish()
+
+    # -- terminal jobs: a pty's master is not a pipe -------------------------------------
+    def _move(self, room: int) -> int:
+        """Bytes from the source into the log at the end: spliced from a pipe; read and
+        written for a pty's master (splice fails with EINVAL on it)."""
+        if self._pipe:
+            return os.splice(self._pipe_r, self._log_fd, room, offset_dst=self._written)
+        data = self._read(min(room, SPLICE_MAX))
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self._log_fd, data[done:], self._written + done)
+        return done
+
+    def _read(self, n: int) -> bytes:
+        """A read; EIO from a pty's master means every slave is closed: the end (b"")."""
+        try:
+            return os.read(self._pipe_r, n)
+        except OSError as e:
+            if e.errno == errno.EIO and not self._pipe:
+                return b""
+            raise
 
     def _close_in_thread(self) -> None:
         if self._eof_seen:
@@ -228,7 +254,7 @@ class OutputPump:
                 room = SPLICE_MAX if self._limit is None else self._limit - self._written
                 if self._refusal is not None or room <= 0:
                     break
-                n = os.splice(self._pipe_r, self._log_fd, room, offset_dst=self._written)
+                n = self._move(room)
                 if n == 0:
                     break
                 self._written += n

@@ -16,6 +16,7 @@ from jobworker.cgroup.watch import EventsWatcher
 from jobworker.errors import HostError
 from jobworker.output import OutputPump
 from jobworker.spec import JobSpec, JobStatus
+from jobworker.terminal import JobInput
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class Job:
         "ended",
         "group",
         "id",
+        "input",
         "kill_at",
         "kill_moved",
         "pump",
@@ -49,6 +51,8 @@ class Job:
         self.status = status
         self.group: Path | None = None
         self.pump: OutputPump | None = None
+        self.input: JobInput | None = None
+        """The job's stdin (pipe or terminal), if it has one; closed when the job ends."""
         self.stop_reason: str | None = None
         self.task: asyncio.Task[None] | None = None
         self.stopping: asyncio.Task[None] | None = None

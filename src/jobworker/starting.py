@@ -22,6 +22,7 @@ from jobworker.runtime import kill_until_empty
 from jobworker.spawn.lookup import resolve_command
 from jobworker.spec import JobSpec
 from jobworker.store import Store
+from jobworker.terminal import open_pty
 
 log = logging.getLogger("jobworker.manager")  # the records read as before the split
 
@@ -37,6 +38,17 @@ class Prepared:
     pipe_r: int
     pipe_w: int
     procs_fd: int
+    stdin_r: int = -1
+    """The read end of the job's stdin pipe, for the spawner (-1: /dev/null or a terminal)."""
+    input_w: int = -1
+    """What :class:`~jobworker.terminal.JobInput` writes: the stdin pipe's write end, or a
+    duplicate of the pty's master (then ``pipe_r`` is the master and ``pipe_w`` the slave)."""
+
+    def close_child_ends(self) -> None:
+        """After the spawn: the spawner has its own copies of these."""
+        for fd in (self.pipe_w, self.procs_fd, self.stdin_r):
+            if fd >= 0:
+                os.close(fd)
 
 
 def prepare(
@@ -57,12 +69,20 @@ def prepare(
         group = tree.create(job_id)
         undo.callback(tree.try_remove, group)
         controllers.apply(group, spec.limits)
-        pipe_r, pipe_w = make_pipe()
+        # A terminal job's output comes from its pty's master; its slave is the job's stdio.
+        pipe_r, pipe_w = make_pipe() if spec.terminal is None else open_pty(spec.terminal)
         undo.callback(close_quietly, pipe_r)
         undo.callback(close_quietly, pipe_w)
+        stdin_r = input_w = -1
+        if spec.terminal is not None:
+            input_w = os.dup(pipe_r)
+        elif spec.stdin:
+            stdin_r, input_w = os.pipe2(os.O_CLOEXEC)
+            undo.callback(close_quietly, stdin_r)
+        undo.callback(close_quietly, input_w)
         procs_fd = open_procs(group)
         undo.pop_all()
-    return Prepared(path, log_fd, group, pipe_r, pipe_w, procs_fd)
+    return Prepared(path, log_fd, group, pipe_r, pipe_w, procs_fd, stdin_r, input_w)
 
 
 async def abandon_start(
@@ -73,6 +93,8 @@ async def abandon_start(
     before the group is removed."""
     close_quietly(prep.log_fd)
     close_quietly(prep.pipe_r)
+    if prep.input_w >= 0:
+        close_quietly(prep.input_w)
     try:
         if tree.populated(prep.group):
             log.warning("job %s: start failed with a process in its group; killing it", job_id)

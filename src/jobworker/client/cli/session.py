@@ -74,10 +74,11 @@ class Session:
             await self.renew()
 
 
-async def follow_output(session: Session, job_id: str, follow: bool, out: BinaryIO) -> int:
-    """Copy the job's output to ``out`` exactly, resuming at the last offset after a dropped
-    connection. Returns the number of bytes written."""
-    offset = 0
+async def follow_output(
+    session: Session, job_id: str, follow: bool, out: BinaryIO, offset: int = 0
+) -> int:
+    """Copy the job's output from ``offset`` to ``out`` exactly, resuming at the last offset
+    after a dropped connection. Returns the offset after the last byte written."""
 
     async def attempt() -> None:
         nonlocal offset
