@@ -61,27 +61,32 @@ async def feeding_stdin(session: Session, job_id: str, enabled: bool) -> AsyncIt
 
 
 async def _copy_stdin(attachment: Attachment, fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    ready = asyncio.Event()
-    try:
-        loop.add_reader(fd, ready.set)
-        pollable = True
-    except (PermissionError, OSError):  # a regular file (or /dev/null): reads never wait
-        pollable = False
-    try:
-        while True:
-            if pollable:
-                await ready.wait()
-                ready.clear()
-            data = os.read(fd, STDIN_CHUNK)
-            if not data:
-                await attachment.close_stdin()
-                return
-            if not await attachment.write(data):
-                return  # the job's stdin is closed: it will not read more
-    finally:
+    pollable = True
+    while True:
         if pollable:
-            loop.remove_reader(fd)
+            try:
+                await readable(fd)
+            except OSError:  # a regular file (or /dev/null): its reads never wait
+                pollable = False
+        data = os.read(fd, STDIN_CHUNK)
+        if not data:
+            await attachment.close_stdin()
+            return
+        if not await attachment.write(data):
+            return  # the job's stdin is closed: it will not read more
+
+
+async def readable(fd: int) -> None:
+    """Wait until ``fd`` can be read. The reader is removed before the caller reads and sends:
+    with it left registered across a grpc write, the write was seen to wait in the channel
+    until the next key came (grpc aio)."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, _set_done, ready)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
 
 
 async def terminal_session(session: Session, job_id: str, offset: int, *, fd: int = 0) -> JobStatus:
@@ -136,27 +141,25 @@ async def terminal_session(session: Session, job_id: str, offset: int, *, fd: in
     return await wait_for_end(session, job_id)
 
 
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 async def _send_keys(attachment: Attachment | None, fd: int) -> None:
     """Read keystrokes as they come and send them; returns at the detach keys (or if our
     terminal is gone). One read at a time, sent before the next: typing is flow-controlled."""
-    loop = asyncio.get_running_loop()
-    ready = asyncio.Event()
     scanner = DetachScanner()
-    loop.add_reader(fd, ready.set)
-    try:
-        while True:
-            await ready.wait()
-            ready.clear()
-            data = os.read(fd, 4096)
-            if not data:
-                return
-            send = scanner.feed(data)
-            if send and attachment is not None:
-                await attachment.write(send)
-            if scanner.detached:
-                return
-    finally:
-        loop.remove_reader(fd)
+    while True:
+        await readable(fd)
+        data = os.read(fd, 4096)
+        if not data:
+            return
+        send = scanner.feed(data)
+        if send and attachment is not None:
+            await attachment.write(send)
+        if scanner.detached:
+            return
 
 
 def detached_exit(job_id: str) -> CommandExit:
