@@ -37,7 +37,7 @@ class Action(enum.StrEnum):
     LOGS = "logs"
     WAIT = "wait"
     REMOVE = "remove"
-    INPUT = "input"
+    INPUT = "type into"
     """Write to a job's stdin or terminal (Attach): the right to start jobs, on a job the
     caller may act on."""
 
