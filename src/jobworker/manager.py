@@ -25,7 +25,7 @@ from jobworker.cgroup.tree import CgroupTree
 from jobworker.cgroup.watch import EventsWatcher
 from jobworker.ending import UNKNOWN_EXIT, supervise
 from jobworker.ending import now as _now
-from jobworker.errors import HostError, JobNotFound, JobRunning, ShuttingDown, StdinClosed
+from jobworker.errors import HostError, JobNotFound, JobRunning, ShuttingDown
 from jobworker.jobtable import JobTable, PageKey
 from jobworker.output import PumpThread, read_output
 from jobworker.recovery import recover
@@ -247,12 +247,8 @@ class JobManager:
         return read_output(self._store.log_path(job.id), offset, job.pump, follow)
 
     def input(self, job_id: str) -> JobInput:
-        """The stdin of a job started with ``stdin`` or a ``terminal``; :class:`StdinClosed`
-        for a job without one, or whose stdin is closed (it has ended)."""
-        job = self._get(job_id)
-        if job.input is None or job.input.closed:
-            raise StdinClosed(f"job {job_id} has no open stdin (start it with stdin or a tty)")
-        return job.input
+        """The job's stdin (see :meth:`Job.open_input`): write to it, resize its terminal."""
+        return self._get(job_id).open_input()
 
     # -- start -----------------------------------------------------------------------------
 
