@@ -269,3 +269,39 @@ async def wait_for_async(check: Callable[[], Awaitable[bool]], what: str) -> Non
         if loop.time() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def test_a_viewer_attached_watches_and_cannot_type(
+    tmux: MakeTmux, daemon: Daemon, pki_dir: Path
+) -> None:
+    t: Tmux = tmux(shell_env(daemon.port, pki_dir))
+    await t.start()
+    await t.wait_screen(r"^outer\$")
+    await t.line("worker run -t -- sh")
+    await t.wait_screen(r"^# $")
+    await t.keys("C-p", "C-q")
+    job_id = (await t.wait_screen(r"detached from job ([0-9a-f-]{36})")).group(1)
+    await t.line(f"worker attach {job_id}")
+    await t.run("split-window", "-v", t.shell)
+    top, bottom = "0.0", "0.1"
+    await t.run("send-keys", "-t", bottom, "-l", f"WORKER_USER=vera worker attach {job_id}")
+    await t.run("send-keys", "-t", bottom, "Enter")
+
+    async def pane(target: str) -> str:
+        return await t.run("capture-pane", "-p", "-J", "-t", target)
+
+    await wait_for_async(lambda: _matches(pane(bottom), r"watching only"), "the viewer's notice")
+    await t.run("send-keys", "-t", bottom, "-l", "echo viewer-$((1+1))")
+    await t.run("send-keys", "-t", bottom, "Enter")
+    await t.run("send-keys", "-t", top, "-l", "echo owner-$((2+3))")
+    await t.run("send-keys", "-t", top, "Enter")
+    # The viewer sees the owner's output, typed after its own keys...
+    await wait_for_async(lambda: _matches(pane(bottom), r"^owner-5$"), "owner's output below")
+    # ...and its own keys reached nothing: neither the job's log nor any screen.
+    async with Client.from_pki(f"127.0.0.1:{daemon.port}", pki_dir, "alice") as alice:
+        log = b"".join([d async for _, d in alice.logs(job_id)])
+    assert b"owner-5" in log
+    assert b"viewer" not in log
+    await t.run("send-keys", "-t", top, "-l", "exit")
+    await t.run("send-keys", "-t", top, "Enter")
+    await wait_for_async(lambda: _matches(pane(bottom), r"^outer\$ $"), "the viewer's client end")
