@@ -31,6 +31,7 @@ from typing import Any
 
 from bench import (
     fanout,
+    keystroke,
     latency,
     memory,
     paging,
@@ -43,7 +44,17 @@ from bench import (
 )
 from bench.common import ROOT, Settings, Workerd
 
-SECTIONS = ("latency", "throughput", "fanout", "memory", "start", "scale", "paging", "retention")
+SECTIONS = (
+    "latency",
+    "keystroke",
+    "throughput",
+    "fanout",
+    "memory",
+    "start",
+    "scale",
+    "paging",
+    "retention",
+)
 OWN_DAEMON = ("retention",)
 """Sections that run a daemon of their own (with other options), after the shared one stops;
 ``paging`` starts a second daemon of its own beside it (100 000 recovered records)."""
@@ -55,6 +66,20 @@ GOALS: tuple[tuple[str, str, Callable[[float], bool] | None, str | None, str], .
     ("follow_max_ms", "", None, "pipe_baseline_max_ms", "follow latency max"),
     ("follow_cli_p50_ms", "", None, "pipe_baseline_p50_ms", "worker logs -f latency p50"),
     ("follow_cli_p99_ms", "", None, "pipe_baseline_p99_ms", "worker logs -f latency p99"),
+    (
+        "keystroke_p50_ms",
+        "",
+        None,
+        "local_pty_p50_ms",
+        "keystroke echo (run -t) p50",
+    ),
+    (
+        "keystroke_p99_ms",
+        "<= 2 ms",
+        lambda v: v <= 2.0,
+        "local_pty_p99_ms",
+        "keystroke echo (run -t) p99",
+    ),
     ("throughput_mib_s", ">= 60% of TLS", None, "tls_baseline_mib_s", "1 follower, MiB/s"),
     ("throughput_ratio_vs_tls", ">= 0.60", lambda v: v >= 0.6, None, "  ratio to TLS socket"),
     ("throughput_mib_s", "", None, "grpc_bare_64k_mib_s", "  vs bare grpc, 64 KiB msgs"),
@@ -233,6 +258,8 @@ async def main() -> int:
                 if section == "latency":
                     found, latency_samples = await latency.run(settings, daemon, log)
                     figures.update(found)
+                elif section == "keystroke":
+                    figures.update(await keystroke.run(settings, daemon, log))
                 elif section == "throughput":
                     figures.update(await throughput.run(settings, daemon, log))
                 elif section == "fanout":

@@ -57,6 +57,8 @@ async def supervise(
         reason = UNKNOWN_EXIT
     except HostError as e:
         reason = str(e)
+    if job.input is not None:  # its main process is gone: writers learn at once
+        job.input.close()
     usage: Usage | None = None
     oom = False
     try:

@@ -12,6 +12,8 @@
     ├── LimitUnavailable                    the host: controller missing    FAILED_PRECONDITION
     ├── JobRunning                          the caller: the job has not     FAILED_PRECONDITION
     │                                       ended (rm of a running job)
+    ├── StdinClosed                         the caller: the job has no      FAILED_PRECONDITION
+    │                                       open stdin (none, or it ended)
     ├── ResourceExhausted                   the host: out of processes or   RESOURCE_EXHAUSTED
     │                                       memory for now; try again
     ├── ShuttingDown                        nobody: the manager is closing  UNAVAILABLE
@@ -67,6 +69,11 @@ class LimitUnavailable(JobworkerError):
 
 class JobRunning(JobworkerError):
     """The request needs an ended job, and this one still runs (remove it after it ends)."""
+
+
+class StdinClosed(JobworkerError):
+    """The job has no stdin to write to: started without ``stdin`` or a terminal, or its
+    stdin is closed (the job ended, or a client ended its input)."""
 
 
 class ResourceExhausted(JobworkerError):

@@ -36,8 +36,9 @@ from jobworker.retention import Removal, Retention, RetentionIndex
 from jobworker.runtime import Job, SendSignal, run_stop
 from jobworker.spawn.keeper import SpawnerKeeper
 from jobworker.spec import DEADLINE_REASON, Credentials, JobSpec, JobState, JobStatus
-from jobworker.starting import abandon_start, masked, prepare, raise_nofile_limit
+from jobworker.starting import abandon_start, lookup_in_child, masked, prepare, raise_nofile_limit
 from jobworker.store import Store
+from jobworker.terminal import JobInput
 from jobworker.units import format_duration
 
 __all__ = ["DEFAULT_STOP_GRACE", "UNKNOWN_EXIT", "JobManager", "PageKey"]
@@ -252,6 +253,10 @@ class JobManager:
         job = self._get(job_id)
         return read_chunks(self._store.log_paths(job.id), job.pump, query)
 
+    def input(self, job_id: str) -> JobInput:
+        """The job's stdin (see :meth:`Job.open_input`): write to it, resize its terminal."""
+        return self._get(job_id).open_input()
+
     # -- start -----------------------------------------------------------------------------
 
     async def start(self, spec: JobSpec, credentials: Credentials | None = None) -> JobStatus:
@@ -276,7 +281,7 @@ class JobManager:
         job_id = str(uuid.uuid4())
         # Path checks, the log file, mkdir and the limit writes touch the host's filesystems:
         # off the loop, so a hung mount stalls this start and not every other call.
-        lookup = self._lookup_in_child(spec, creds)
+        lookup = lookup_in_child(spec, creds)
         prep = await asyncio.get_running_loop().run_in_executor(
             self._host_io, prepare, self._store, self._tree, job_id, spec, env, lookup
         )
@@ -302,6 +307,8 @@ class JobManager:
                     hidden=self._hidden,
                     lookup=lookup,
                     nofile=self._job_nofile,
+                    stdin_fd=prep.stdin_r,
+                    tty=spec.terminal is not None,
                 )
             finally:
                 prep.close_spawner_fds()
@@ -319,6 +326,7 @@ class JobManager:
         )
         job = Job(spec, status)
         job.group, job.pump = group, pump
+        job.input = JobInput(prep.input_w, spec.terminal is not None) if spec.stdin else None
         self._jobs[job_id] = job
         if pump.refused is not None:  # before the job was known
             self._on_output_refused(job_id, pump.refused)
@@ -332,15 +340,6 @@ class JobManager:
         except HostError:
             log.exception("job %s: record not written at start", job_id)
         return status
-
-    @staticmethod
-    def _lookup_in_child(spec: JobSpec, creds: Credentials) -> bool:
-        """Whether the command lookup and the cwd check happen in the forked child, after the
-        switch to the job's credentials (and inside its sandbox, whose /tmp and masks the
-        host's view does not show), rather than here as the daemon: a job as another user
-        must learn nothing its user could not learn itself (that a file exists in a
-        directory it cannot search, say)."""
-        return spec.sandbox is not None or creds.uid >= 0 or creds.gid >= 0
 
     def _fast(self, spec: JobSpec, creds: Credentials) -> bool:
         """Whether the spawner may posix_spawn from inside the job's group. Not when the job

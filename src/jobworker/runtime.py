@@ -13,9 +13,10 @@ from pathlib import Path
 
 from jobworker.cgroup.tree import CgroupTree
 from jobworker.cgroup.watch import EventsWatcher
-from jobworker.errors import HostError
+from jobworker.errors import HostError, StdinClosed
 from jobworker.output import OutputPump
 from jobworker.spec import JobSpec, JobStatus
+from jobworker.terminal import JobInput
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class Job:
         "ended",
         "group",
         "id",
+        "input",
         "kill_at",
         "kill_moved",
         "pump",
@@ -49,6 +51,8 @@ class Job:
         self.status = status
         self.group: Path | None = None
         self.pump: OutputPump | None = None
+        self.input: JobInput | None = None
+        """The job's stdin (pipe or terminal), if it has one; closed when the job ends."""
         self.stop_reason: str | None = None
         self.task: asyncio.Task[None] | None = None
         self.stopping: asyncio.Task[None] | None = None
@@ -59,6 +63,13 @@ class Job:
         self.ended = asyncio.Event()
         if status.state.ended:
             self.ended.set()
+
+    def open_input(self) -> JobInput:
+        """The stdin of a job started with ``stdin`` or a ``terminal``; :class:`StdinClosed`
+        for a job without one, or whose stdin is closed (it has ended)."""
+        if self.input is None or self.input.closed:
+            raise StdinClosed(f"job {self.id} has no open stdin (start it with stdin or a tty)")
+        return self.input
 
     def snapshot(self) -> JobStatus:
         """The status with the current output size. The same object while nothing changed,

@@ -61,6 +61,20 @@ class Sandbox:
             ) from None
 
 
+@dataclass(frozen=True, slots=True)
+class TerminalSize:
+    """A terminal's size in characters (what ``TIOCSWINSZ`` sets)."""
+
+    rows: int = 24
+    cols: int = 80
+
+    def __post_init__(self) -> None:
+        for name in ("rows", "cols"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+                raise InvalidArgument(f"terminal {name} must be from 1 to 65535, got {value!r}")
+
+
 class JobState(enum.StrEnum):
     RUNNING = "running"
     EXITED = "exited"
@@ -100,6 +114,12 @@ class JobSpec:
     timeout: float | None = None
     """Seconds the job may run: at the deadline it is stopped (SIGTERM, the grace, SIGKILL) with
     :data:`DEADLINE_REASON` in its stop reason. ``None``: no deadline."""
+    stdin: bool = False
+    """Give the job a pipe as its stdin, written through :meth:`JobManager.input` (else it
+    reads ``/dev/null``). Always true for a job with a terminal."""
+    terminal: TerminalSize | None = None
+    """Give the job a pseudo-terminal of this size as its controlling terminal (its stdin,
+    stdout and stderr; its output is the terminal's bytes). ``None``: pipes."""
 
     def __post_init__(self) -> None:
         if isinstance(self.argv, str | bytes) or not self.argv:
@@ -150,6 +170,11 @@ class JobSpec:
                     f"timeout must be a positive, finite number of seconds, got {self.timeout!r}"
                 )
             object.__setattr__(self, "timeout", float(self.timeout))
+        if self.terminal is not None:
+            if not isinstance(self.terminal, TerminalSize):
+                raise InvalidArgument("terminal must be a TerminalSize or None")
+            object.__setattr__(self, "stdin", True)
+        object.__setattr__(self, "stdin", bool(self.stdin))
 
     def full_env(self) -> dict[str, str]:
         """The environment the job really gets."""

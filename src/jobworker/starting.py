@@ -21,8 +21,9 @@ from jobworker.outlog import LogFiles
 from jobworker.output import OutputPump, make_pipe
 from jobworker.runtime import kill_until_empty
 from jobworker.spawn.lookup import resolve_command
-from jobworker.spec import JobSpec
+from jobworker.spec import Credentials, JobSpec
 from jobworker.store import Store
+from jobworker.terminal import open_pty
 
 log = logging.getLogger("jobworker.manager")  # the records read as before the split
 
@@ -41,6 +42,12 @@ class Prepared:
     """``None`` when the job has one source only (stdout)."""
     stderr_w: int
     procs_fd: int
+    stdin_r: int = -1
+    """The read end of the job's stdin pipe, for the spawner (-1: /dev/null or a terminal)."""
+    input_w: int = -1
+    """What :class:`~jobworker.terminal.JobInput` writes: the stdin pipe's write end, or a
+    duplicate of the pty's master (then ``stdout_r`` is the master, ``stdout_w`` and
+    ``stderr_w`` the slave, and ``stderr_r`` ``None``)."""
 
     @property
     def output(self) -> tuple[LogFiles, int, int | None]:
@@ -53,6 +60,17 @@ class Prepared:
         if self.stderr_w != self.stdout_w:
             os.close(self.stderr_w)
         os.close(self.procs_fd)
+        if self.stdin_r >= 0:
+            os.close(self.stdin_r)
+
+
+def lookup_in_child(spec: JobSpec, creds: Credentials) -> bool:
+    """Whether the command lookup and the cwd check happen in the forked child, after the
+    switch to the job's credentials (and inside its sandbox, whose /tmp and masks the host's
+    view does not show), rather than here as the daemon: a job as another user must learn
+    nothing its user could not learn itself (that a file exists in a directory it cannot
+    search, say)."""
+    return spec.sandbox is not None or creds.uid >= 0 or creds.gid >= 0
 
 
 def prepare(
@@ -73,16 +91,31 @@ def prepare(
         group = tree.create(job_id)
         undo.callback(tree.try_remove, group)
         controllers.apply(group, spec.limits)
-        pipes: list[int] = []
-        for _stream in range(2):  # stdout, stderr
-            r, w = make_pipe()
-            undo.callback(close_quietly, r)
-            undo.callback(close_quietly, w)
-            pipes += (r, w)
+        stdin_r = input_w = -1
+        if spec.terminal is None:
+            pipes: list[int] = []
+            for _stream in range(2):  # stdout, stderr
+                r, w = make_pipe()
+                undo.callback(close_quietly, r)
+                undo.callback(close_quietly, w)
+                pipes += (r, w)
+            out_r, out_w, err_r, err_w = pipes
+            if spec.stdin:
+                stdin_r, input_w = os.pipe2(os.O_CLOEXEC)
+                undo.callback(close_quietly, stdin_r)
+        else:
+            # A terminal job's output comes from its pty's master, captured as stdout; its
+            # slave is the job's stdin, stdout and stderr.
+            master, slave = open_pty(spec.terminal)
+            undo.callback(close_quietly, master)
+            undo.callback(close_quietly, slave)
+            out_r, out_w, err_r, err_w = master, slave, None, slave
+            input_w = os.dup(master)
+        if input_w >= 0:
+            undo.callback(close_quietly, input_w)
         procs_fd = open_procs(group)
         undo.pop_all()
-    out_r, out_w, err_r, err_w = pipes
-    return Prepared(path, files, group, out_r, out_w, err_r, err_w, procs_fd)
+    return Prepared(path, files, group, out_r, out_w, err_r, err_w, procs_fd, stdin_r, input_w)
 
 
 async def abandon_start(
@@ -97,6 +130,8 @@ async def abandon_start(
     spawner can die between its spawn and its reply): no record knows it, so it is killed
     before the group is removed. The pump owns the logs and pipes: it closes them."""
     await pump.abandon()
+    if prep.input_w >= 0:
+        close_quietly(prep.input_w)
     try:
         if tree.populated(prep.group):
             log.warning("job %s: start failed with a process in its group; killing it", job_id)

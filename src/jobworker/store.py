@@ -33,7 +33,7 @@ from jobworker._dirlock import lock_directory
 from jobworker.errors import HostError
 from jobworker.limits import IOLimit, Limits
 from jobworker.outlog import ERR, IDX, LogFiles, LogPaths, repair
-from jobworker.spec import JobSpec, JobState, JobStatus, Network, Sandbox, Usage
+from jobworker.spec import JobSpec, JobState, JobStatus, Network, Sandbox, TerminalSize, Usage
 
 RECORD = ".json"
 LOG = ".log"
@@ -297,6 +297,8 @@ def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
         "limits": _limits_to_dict(spec.limits),
         "sandbox": None if spec.sandbox is None else {"network": spec.sandbox.network.value},
         "timeout": spec.timeout,
+        "stdin": spec.stdin,
+        "terminal": None if spec.terminal is None else [spec.terminal.rows, spec.terminal.cols],
     }
 
 
@@ -309,6 +311,8 @@ def spec_from_dict(raw: dict[str, Any]) -> JobSpec:
         limits=_limits_from_dict(raw["limits"]),
         sandbox=None if raw.get("sandbox") is None else Sandbox(Network(raw["sandbox"]["network"])),
         timeout=raw.get("timeout"),
+        stdin=bool(raw.get("stdin", False)),
+        terminal=None if raw.get("terminal") is None else TerminalSize(*raw["terminal"]),
     )
 
 

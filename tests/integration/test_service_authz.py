@@ -39,18 +39,32 @@ CALLER = {"admin": "root", "user": "alice", "viewer": "vera"}
 EXPECTED: dict[str, dict[str, dict[str, str]]] = {
     #        whose job -> RPC -> outcome
     "admin": {
-        "own": {"stop": OK, "status": OK, "logs": OK, "wait": OK, "list": OK},
-        "other": {"stop": OK, "status": OK, "logs": OK, "wait": OK, "list": OK},
+        "own": {"stop": OK, "status": OK, "logs": OK, "wait": OK, "list": OK, "attach": OK},
+        "other": {"stop": OK, "status": OK, "logs": OK, "wait": OK, "list": OK, "attach": OK},
         "none": {"start": OK},
     },
     "user": {
-        "own": {"stop": OK, "status": OK, "logs": OK, "wait": OK, "list": OK},
-        "other": {"stop": HIDDEN, "status": HIDDEN, "logs": HIDDEN, "wait": HIDDEN, "list": HIDDEN},
+        "own": {"stop": OK, "status": OK, "logs": OK, "wait": OK, "list": OK, "attach": OK},
+        "other": {
+            "stop": HIDDEN,
+            "status": HIDDEN,
+            "logs": HIDDEN,
+            "wait": HIDDEN,
+            "list": HIDDEN,
+            "attach": HIDDEN,
+        },
         "none": {"start": OK},
     },
     "viewer": {
-        "own": {"stop": DENIED, "status": OK, "logs": OK, "wait": OK, "list": OK},
-        "other": {"stop": DENIED, "status": OK, "logs": OK, "wait": OK, "list": OK},
+        "own": {"stop": DENIED, "status": OK, "logs": OK, "wait": OK, "list": OK, "attach": DENIED},
+        "other": {
+            "stop": DENIED,
+            "status": OK,
+            "logs": OK,
+            "wait": OK,
+            "list": OK,
+            "attach": DENIED,
+        },
         "none": {"start": DENIED},
     },
 }
@@ -87,6 +101,8 @@ async def test_authorization_matrix(
         argv: tuple[str, ...] = ("sh", "-c", "echo output; exec sleep 1000")
         job = await daemon.manager.start(JobSpec(argv=argv, owner=owner))
         await wait_for(lambda: daemon.manager.status(job.id).output_bytes == 7, what="output")
+    elif rpc == "attach":  # running, reading its stdin
+        job = await daemon.manager.start(JobSpec(argv=("cat",), owner=owner, stdin=True))
     else:
         job = await daemon.manager.start(JobSpec(argv=("echo", "output"), owner=owner))
         await daemon.manager.wait(job.id)
@@ -107,6 +123,12 @@ async def test_authorization_matrix(
         elif rpc == "list":
             listed = [j.id for j in await client.list(all=True)]
             assert listed.count(job.id) == (1 if expected == OK else 0)
+        elif rpc == "attach":
+            async with await client.attach(job.id) as typing:
+                assert await typing.write(b"typed\n")
+                await typing.close_stdin()
+            await daemon.manager.wait(job.id)
+            assert b"".join([c async for c in daemon.manager.output(job.id)]) == b"typed\n"
         else:
             raise AssertionError(rpc)
     except (JobNotFound, PermissionDenied) as e:
@@ -118,7 +140,11 @@ async def test_authorization_matrix(
         # Exactly what a job that does not exist answers: its existence is not revealed.
         assert str(error) == str(JobNotFound(job.id))
     if expected == DENIED:
-        assert f"{caller} (role {role}) may not {rpc}" in str(error)
+        action = "type into" if rpc == "attach" else rpc
+        assert f"{caller} (role {role}) may not {action}" in str(error)
+    if rpc == "attach" and expected != OK:  # nothing reached the job
+        assert daemon.manager.status(job.id).output_bytes == 0
+        await daemon.manager.stop(job.id, grace=0)
     if rpc == "stop" and expected != OK:
         untouched = daemon.manager.status(job.id)  # the forbidden stop did nothing
         assert (untouched.state, untouched.reason) == (JobState.RUNNING, "")

@@ -14,7 +14,7 @@ from jobworker.errors import InvalidArgument
 from jobworker.limits import IOLimit, Limits
 from jobworker.outlog import Chunk, Stream
 from jobworker.outread import Query
-from jobworker.spec import JobState, JobStatus, Network, Usage
+from jobworker.spec import JobState, JobStatus, Network, TerminalSize, Usage
 
 _STATES: dict[JobState, pb.JobState.ValueType] = {
     JobState.RUNNING: pb.JOB_STATE_RUNNING,
@@ -44,6 +44,16 @@ def network_from_pb(value: int) -> Network | None:
         raise InvalidArgument(
             f"network {value} is not one of host ({pb.NETWORK_HOST}), none ({pb.NETWORK_NONE})"
         ) from None
+
+
+def window_from_pb(msg: pb.WindowSize) -> TerminalSize:
+    """A terminal size; 0 (unset) rows or cols take the default (24x80)."""
+    default = TerminalSize()
+    return TerminalSize(msg.rows or default.rows, msg.cols or default.cols)
+
+
+def window_to_pb(size: TerminalSize) -> pb.WindowSize:
+    return pb.WindowSize(rows=size.rows, cols=size.cols)
 
 
 def _opt(msg: object, field: str) -> int | None:

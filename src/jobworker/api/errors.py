@@ -21,6 +21,7 @@ from jobworker.errors import (
     ResourceExhausted,
     ShuttingDown,
     SpawnError,
+    StdinClosed,
     Unauthenticated,
 )
 
@@ -33,6 +34,7 @@ ERROR_CODES: Final[tuple[tuple[type[JobworkerError], str], ...]] = (
     (PermissionDenied, "PERMISSION_DENIED"),
     (LimitUnavailable, "FAILED_PRECONDITION"),
     (JobRunning, "FAILED_PRECONDITION"),
+    (StdinClosed, "FAILED_PRECONDITION"),
     (ResourceExhausted, "RESOURCE_EXHAUSTED"),
     (ShuttingDown, "UNAVAILABLE"),
     (HostError, "INTERNAL"),

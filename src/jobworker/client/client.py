@@ -33,11 +33,12 @@ from jobworker import tls
 from jobworker.api import convert
 from jobworker.api.errors import ERROR_TRAILER, error_for
 from jobworker.api.proto import pb, pb_grpc
+from jobworker.client.attaching import Attachment
 from jobworker.errors import JobworkerError, RemoteError
 from jobworker.limits import Limits
 from jobworker.outlog import Chunk, Stream
 from jobworker.outread import Query
-from jobworker.spec import JobStatus, Network
+from jobworker.spec import JobStatus, Network, TerminalSize
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
@@ -132,8 +133,13 @@ class Client:
         network: Network | None = None,
         sandbox: bool = True,
         timeout: float | None = None,
+        stdin: bool = False,
+        tty: TerminalSize | None = None,
     ) -> JobStatus:
         """Start a job owned by this client's identity; returns its first status.
+
+        ``stdin``: the job reads a pipe, written with :meth:`attach` (else /dev/null).
+        ``tty``: the job gets a pseudo-terminal of that size (implies ``stdin``).
 
         ``network``: the job's network in its sandbox (``None``: the daemon's default).
         ``sandbox=False`` runs it in the host's namespaces, which only admins may ask for.
@@ -148,12 +154,29 @@ class Client:
             network=convert.network_to_pb(network),
             no_sandbox=not sandbox,
             timeout_seconds=timeout,
+            stdin=stdin or tty is not None,
+            tty=tty is not None,
         )
+        if tty is not None:
+            request.window.CopyFrom(convert.window_to_pb(tty))
         try:
             response = await self._stub.Start(request, timeout=self._timeout)
         except grpc.RpcError as e:
             raise _translate(e) from None
         return convert.status_from_pb(response.status)
+
+    async def attach(self, job_id: str, window: TerminalSize | None = None) -> Attachment:
+        """Open a job's stdin (or terminal) for writing; ``window``: this side's terminal
+        size, applied at once. Raises :class:`~jobworker.errors.StdinClosed` for a job
+        without an open stdin. The job's output is read with :meth:`logs`."""
+        call = self._stub.Attach()  # type: ignore[call-arg] # requests are written by the call
+        attachment = Attachment(call, job_id, _translate)
+        try:
+            await attachment._open(window)
+        except BaseException:
+            await attachment.close()
+            raise
+        return attachment
 
     async def stop(self, job_id: str, grace: float | None = None) -> JobStatus:
         """Stop a job (SIGTERM, then SIGKILL after ``grace`` s); returns its final status."""

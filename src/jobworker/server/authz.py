@@ -37,6 +37,9 @@ class Action(enum.StrEnum):
     LOGS = "logs"
     WAIT = "wait"
     REMOVE = "remove"
+    INPUT = "type into"
+    """Write to a job's stdin or terminal (Attach): the right to start jobs, on a job the
+    caller may act on."""
 
 
 class Decision(enum.Enum):
@@ -72,6 +75,9 @@ MATRIX: Final[Mapping[tuple[Role, Action], tuple[Decision, Decision]]] = {
     (Role.ADMIN, Action.REMOVE): (_A, _A),
     (Role.USER, Action.REMOVE): (_A, _H),
     (Role.VIEWER, Action.REMOVE): (_D, _D),
+    (Role.ADMIN, Action.INPUT): (_A, _A),
+    (Role.USER, Action.INPUT): (_A, _H),
+    (Role.VIEWER, Action.INPUT): (_D, _D),
 }
 """The permission model. START has no job, so both columns are the same; LIST's columns say
 which jobs appear in the listing."""
@@ -111,7 +117,7 @@ def visible(identity: Identity, owner: str) -> bool:
     return decide(identity, Action.LIST, owner) is not Decision.HIDE
 
 
-_POLICY_TABLES: Final = {"roles", "run_as", "network", "runtime"}
+_POLICY_TABLES: Final = {"roles", "run_as", "network", "runtime", "terminal"}
 _RUN_AS_TABLES: Final = {"roles", "identities"}
 
 
@@ -130,6 +136,12 @@ class Policy:
     runtime_roles: Mapping[Role, float] = field(default_factory=dict)
     """``[runtime] ROLE = "1h"``: the maximum runtime of the role's jobs in seconds, instead of
     the daemon's ``--max-runtime``."""
+    terminal_roles: frozenset[Role] | None = None
+    """``[terminal] allow = [...]``: the roles that may start terminal jobs and type into them
+    (``None``: every role that may start jobs)."""
+
+    def may_use_terminal(self, role: Role) -> bool:
+        return self.terminal_roles is None or role in self.terminal_roles
 
     def account_for(self, identity: Identity) -> str | None:
         """The identity's own entry, else its role's, else ``None`` (the daemon decides)."""
@@ -160,6 +172,9 @@ class Policy:
             [runtime]             # role -> the longest its jobs may run (and the deadline of
             user = "1h"           # those that ask for none), instead of --max-runtime
 
+            [terminal]            # the roles that may start terminal jobs (run -t) and
+            allow = ["admin"]     # type into them; default: every role that may start jobs
+
         The old flat ``[run_as]`` table, which mixed identities and roles, is refused with a
         message saying how to rewrite it. Raises :class:`InvalidArgument` naming the file and
         entry when it is malformed, and ``OSError`` when it cannot be read.
@@ -175,8 +190,8 @@ class Policy:
         unknown = sorted(set(data) - _POLICY_TABLES)
         if unknown:
             raise bad(
-                f"unknown entry {unknown[0]!r}; the tables are [roles], [run_as.*], [network] and "
-                "[runtime]"
+                f"unknown entry {unknown[0]!r}; the tables are [roles], [run_as.*], [network], "
+                "[runtime] and [terminal]"
             )
         table = data.get("roles", {})
         if not isinstance(table, dict):
@@ -229,7 +244,22 @@ class Policy:
                 runtimes[Role(role)] = parse_duration(value, f"[runtime] {role}")
             except InvalidArgument as e:
                 raise bad(str(e)) from None
-        return cls(roles, by_role, by_name, host_roles, runtime_roles=runtimes)
+        return cls(roles, by_role, by_name, host_roles, runtimes, _terminal_roles(bad, data))
+
+
+def _terminal_roles(
+    bad: Callable[[str], InvalidArgument], data: Mapping[str, object]
+) -> frozenset[Role] | None:
+    """``[terminal] allow = ["role", ...]``, or ``None`` without the table."""
+    table = data.get("terminal")
+    if table is None:
+        return None
+    if not isinstance(table, dict) or set(table) != {"allow"}:
+        raise bad('[terminal] takes one key, allow = ["role", ...]')
+    listed = table["allow"]
+    if not isinstance(listed, list) or any(r not in set(Role) for r in listed):
+        raise bad(f"[terminal] allow must list roles ({', '.join(Role)}), got {listed!r}")
+    return frozenset(Role(r) for r in listed)
 
 
 def _reserved_text(name: str) -> str:

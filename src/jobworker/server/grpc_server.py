@@ -62,8 +62,9 @@ _METHODS: tuple[tuple[str, type[Message], type[Message]], ...] = (
     ("Logs", pb.LogsRequest, pb.LogsChunk),
     ("Wait", pb.WaitRequest, pb.WaitResponse),
     ("Remove", pb.RemoveRequest, pb.RemoveResponse),
+    ("Attach", pb.AttachRequest, pb.AttachResponse),
 )
-"""What the generated ``add_JobWorkerServicer_to_server`` registers (Logs streams), but with
+"""What the generated ``add_JobWorkerServicer_to_server`` registers (Logs, Attach stream), but with
 request parsing that cannot fail inside grpc: see :func:`_lenient`."""
 
 
@@ -96,6 +97,12 @@ def _method_handlers(service: JobWorkerService) -> dict[str, grpc.RpcMethodHandl
         method = getattr(service, name)
         if name == "Logs":
             handlers[name] = grpc.unary_stream_rpc_method_handler(
+                _checked_stream(service, name, method),
+                request_deserializer=_lenient(request),
+                response_serializer=response.SerializeToString,
+            )
+        elif name == "Attach":  # it checks each request itself (jobworker.server.attach)
+            handlers[name] = grpc.stream_stream_rpc_method_handler(
                 _checked_stream(service, name, method),
                 request_deserializer=_lenient(request),
                 response_serializer=response.SerializeToString,
@@ -244,6 +251,8 @@ def _gated(
     for name, h in handlers.items():
         if h.unary_unary is not None:
             gated[name] = h._replace(unary_unary=guard(h.unary_unary))  # type: ignore[attr-defined]
+        elif h.stream_stream is not None:
+            gated[name] = h._replace(stream_stream=guard(h.stream_stream))  # type: ignore[attr-defined]
         else:
             assert h.unary_stream is not None
             gated[name] = h._replace(unary_stream=guard(h.unary_stream))  # type: ignore[attr-defined]

@@ -34,7 +34,7 @@ from jobworker.api.proto import pb, pb_grpc
 from jobworker.cgroup.devices import resolve_limits
 from jobworker.errors import HostError, InvalidArgument, JobworkerError
 from jobworker.manager import JobManager, PageKey
-from jobworker.server import logs
+from jobworker.server import attach, logs
 from jobworker.server.accounts import printable
 from jobworker.server.authz import (
     Action,
@@ -310,6 +310,10 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
                     identity, convert.network_from_pb(request.network), request.no_sandbox
                 ),
                 timeout=self._settings.timeout_for(identity, timeout),
+                stdin=request.stdin,
+                terminal=self._settings.terminal_for(
+                    identity, convert.window_from_pb(request.window) if request.tty else None
+                ),
             )
             status = await self._start_within_quotas(identity, spec)
             _note_job(status.id)
@@ -408,6 +412,11 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
             log.info("job %s removed by %s", request.id, printable(identity.name))
             return pb.RemoveResponse()
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def Attach(
+        self, requests: AsyncIterator[object], context: aio.ServicerContext[object, object]
+    ) -> AsyncGenerator[pb.AttachResponse]:
+        return attach.serve(self, requests, context)  # see jobworker.server.attach
 
     async def Logs(
         self, request: pb.LogsRequest, context: aio.ServicerContext[object, object]

@@ -10,7 +10,7 @@ from jobworker.limits import Limits
 from jobworker.server.accounts import Accounts
 from jobworker.server.authz import Identity, Policy
 from jobworker.server.policy import effective_timeout
-from jobworker.spec import Credentials, Network, Sandbox
+from jobworker.spec import Credentials, Network, Sandbox, TerminalSize
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +41,17 @@ class Settings:
         if role_cap is not None:
             return effective_timeout(requested, role_cap, f"the policy's [runtime] {identity.role}")
         return effective_timeout(requested, self.max_runtime, "workerd --max-runtime")
+
+    def terminal_for(self, identity: Identity, size: TerminalSize | None) -> TerminalSize | None:
+        """``size`` if ``identity`` may have a terminal (the policy's ``[terminal]``); raises
+        :class:`PermissionDenied` otherwise. Also the check for typing into one."""
+        policy = self.policy
+        if size is not None and policy is not None and not policy.may_use_terminal(identity.role):
+            raise PermissionDenied(
+                f"{identity.name} (role {identity.role}) may not use a terminal (-t): the "
+                "daemon's policy [terminal] does not allow that role"
+            )
+        return size
 
     def sandbox_for(
         self, identity: Identity, network: Network | None, no_sandbox: bool

@@ -21,13 +21,16 @@ Requests: ``("spawn", req_id, path, argv, env, cwd, uid, gid, groups, fast, opti
 fds attached (cgroup.procs of the job's group, the write ends of its stdout and its stderr
 pipe: the same fd twice for a terminal); ``options``
 (optional, a dict) may hold ``nofile`` (the job's RLIMIT_NOFILE soft limit), ``lookup`` (the
-job's PATH: ``path`` is then argv[0], looked up in the child with the job's own credentials)
+job's PATH: ``path`` is then argv[0], looked up in the child with the job's own credentials),
+``stdin`` (true: a third fd is attached, the read end of the job's stdin pipe; else the job
+reads /dev/null), ``tty`` (true: the output fd is a pty's slave, the job's fds 0, 1 and 2 and,
+after ``setsid``, its controlling terminal by ``TIOCSCTTY``; always the fork path)
 and ``sandbox`` (``{"net": bool, "hide": [path, ...]}``: namespaces, see :func:`Spawner.
 spawn_sandboxed`). ``("home",)`` with the spawner's own cgroup.procs attached (needed by the
 fast path).
 Replies: ``("ok", req_id, pid)`` or ``("err", req_id, errno, stage)`` (stage: where it failed:
 ``pipe``, ``fork``, ``cgroup``, ``setsid``, ``stdio``, ``rlimit``, ``credentials``, ``cwd``,
-``exec`` or ``posix_spawn``; for a lookup in the child also ``no-cwd``, ``not-found``,
+``tty``, ``exec`` or ``posix_spawn``; for a lookup in the child also ``no-cwd``, ``not-found``,
 ``not-in-path``, ``not-executable``; for a sandbox also ``namespace``, ``mount``, ``network``,
 ``no-new-privs``; a failed start never ends the spawner);
 events: ``("exit", pid, status)``. For a sandboxed job ``pid`` is its init's (the job's main
@@ -44,6 +47,7 @@ import array
 import contextlib
 import ctypes
 import errno
+import fcntl
 import importlib.util
 import marshal
 import os
@@ -53,6 +57,7 @@ import signal
 import socket
 import struct
 import sys
+import termios
 import types
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -179,10 +184,17 @@ class Spawner(sandbox_child.Sandboxing):
         elif msg[0] == "spawn":
             procs_fd, out_fd, err_fd = reader.take_fds(3)
             opts = _options(msg)
+            if opts.get("stdin"):  # the job's stdin pipe, after the other attachments
+                (opts["stdin_fd"],) = reader.take_fds(1)
             try:
                 if opts.get("sandbox") is not None:
                     reply = self.spawn_sandboxed(msg, procs_fd, out_fd, err_fd)
-                elif msg[9] and self.home_fd >= 0 and opts.get("lookup") is None:
+                elif (
+                    msg[9]
+                    and self.home_fd >= 0
+                    and opts.get("lookup") is None
+                    and not opts.get("tty")  # TIOCSCTTY needs code in the child: fork
+                ):
                     reply = self.spawn_fast(msg, procs_fd, out_fd, err_fd)
                 else:
                     reply = self.spawn_fork(msg, procs_fd, out_fd, err_fd)
@@ -190,6 +202,8 @@ class Spawner(sandbox_child.Sandboxing):
                 os.close(procs_fd)
                 os.close(out_fd)
                 os.close(err_fd)
+                if "stdin_fd" in opts:
+                    os.close(opts.pop("stdin_fd"))
             send_message(self.sock, reply)
 
     def spawn_fast(
@@ -225,7 +239,7 @@ class Spawner(sandbox_child.Sandboxing):
                         argv,
                         dict(e.split(b"=", 1) for e in env),
                         file_actions=[
-                            (os.POSIX_SPAWN_DUP2, self.devnull, 0),
+                            (os.POSIX_SPAWN_DUP2, _options(msg).get("stdin_fd", self.devnull), 0),
                             (os.POSIX_SPAWN_DUP2, out_fd, 1),
                             (os.POSIX_SPAWN_DUP2, err_fd, 2),
                         ],
@@ -303,9 +317,15 @@ class Spawner(sandbox_child.Sandboxing):
             stage = "setsid"
             os.setsid()
             stage = "stdio"
-            os.dup2(self.devnull, 0)
+            # A terminal job's out_fd is its pty's slave: stdin, stdout and stderr, and (in
+            # the session just made) its controlling terminal.
+            tty = bool(opts.get("tty"))
+            os.dup2(out_fd if tty else opts.get("stdin_fd", self.devnull), 0)
             os.dup2(out_fd, 1)
             os.dup2(err_fd, 2)
+            if tty:
+                stage = "tty"
+                fcntl.ioctl(0, termios.TIOCSCTTY, 0)
             if opts.get("nofile") is not None:
                 stage = "rlimit"
                 hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]

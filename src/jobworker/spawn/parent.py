@@ -255,6 +255,8 @@ class Spawner:
         hidden: Sequence[str] = (),
         lookup: bool = False,
         nofile: int | None = None,
+        stdin_fd: int = -1,
+        tty: bool = False,
     ) -> Spawned:
         """Start a job in the spawner (``fast``: posix_spawn from inside the job's group; see
         :mod:`jobworker.spawn.child`). The fds are duplicated into the spawner; the caller keeps
@@ -263,7 +265,9 @@ class Spawner:
         ``sandbox``: namespaces of its own, with ``hidden`` paths masked (always the fork
         path). ``lookup``: ``path`` is argv[0], to be searched in ``env["PATH"]`` (and ``cwd``
         checked) in the child with the job's credentials (fork path). ``nofile``: the job's
-        RLIMIT_NOFILE soft limit."""
+        RLIMIT_NOFILE soft limit. ``stdin_fd``: the read end of the job's stdin pipe (else
+        /dev/null). ``tty``: ``out_fd`` is a pty's slave, to be the job's stdio and controlling
+        terminal (always the fork path)."""
         if self._dead is not None:
             raise SpawnerDied(str(self._dead))
         self._next_id += 1
@@ -276,6 +280,12 @@ class Spawner:
             options["nofile"] = nofile
         if lookup:
             options["lookup"] = os.fsencode(env.get("PATH", ""))
+        fds = [procs_fd, out_fd, err_fd]
+        if stdin_fd >= 0:
+            options["stdin"] = True
+            fds.append(stdin_fd)
+        if tty:
+            options["tty"] = True
         if sandbox is not None:
             options["sandbox"] = {
                 "net": sandbox.network is Network.NONE,
@@ -291,11 +301,11 @@ class Spawner:
             creds.uid,
             creds.gid,
             list(creds.groups),
-            fast and sandbox is None and not lookup,
+            fast and sandbox is None and not lookup and not tty,
             options,
         )
         try:
-            await self._send(message, [procs_fd, out_fd, err_fd])
+            await self._send(message, fds)
         except OSError as e:
             self._pending.pop(req, None)
             self._requests.pop(req, None)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n jobworker/api/v1/jobworker.proto\x12\x0cjobworker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb1\x01\n\x07IOLimit\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x15\n\x08read_bps\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\twrite_bps\x18\x03 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\tread_iops\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x17\n\nwrite_iops\x18\x05 \x01(\x04H\x03\x88\x01\x01\x42\x0b\n\t_read_bpsB\x0c\n\n_write_bpsB\x0c\n\n_read_iopsB\r\n\x0b_write_iops\"\xa9\x01\n\x06Limits\x12\x10\n\x03\x63pu\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\ncpu_weight\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x13\n\x06memory\x18\x03 \x01(\x04H\x02\x88\x01\x01\x12!\n\x02io\x18\x04 \x03(\x0b\x32\x15.jobworker.v1.IOLimit\x12\x11\n\x04pids\x18\x05 \x01(\x04H\x03\x88\x01\x01\x42\x06\n\x04_cpuB\r\n\x0b_cpu_weightB\t\n\x07_memoryB\x07\n\x05_pids\"\xd4\x01\n\x05Usage\x12\x15\n\rcpu_user_usec\x18\x01 \x01(\x04\x12\x17\n\x0f\x63pu_system_usec\x18\x02 \x01(\x04\x12\x16\n\x0ememory_current\x18\x03 \x01(\x04\x12\x18\n\x0bmemory_peak\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x15\n\rio_read_bytes\x18\x05 \x01(\x04\x12\x16\n\x0eio_write_bytes\x18\x06 \x01(\x04\x12\x14\n\x0cnr_throttled\x18\x07 \x01(\x04\x12\x14\n\x0cpids_current\x18\x08 \x01(\x04\x42\x0e\n\x0c_memory_peak\"\x90\x03\n\tJobStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.jobworker.v1.JobState\x12\x0c\n\x04\x61rgv\x18\x03 \x03(\t\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x03\x12.\n\nstarted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\texit_code\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06signal\x18\t \x01(\x05H\x01\x88\x01\x01\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x12\n\noom_killed\x18\x0b \x01(\x08\x12$\n\x06limits\x18\x0c \x01(\x0b\x32\x14.jobworker.v1.Limits\x12\"\n\x05usage\x18\r \x01(\x0b\x32\x13.jobworker.v1.Usage\x12\x14\n\x0coutput_bytes\x18\x0e \x01(\x04\x42\x0c\n\n_exit_codeB\t\n\x07_signal\"\xa8\x02\n\x0cStartRequest\x12\x0c\n\x04\x61rgv\x18\x01 \x03(\t\x12\x30\n\x03\x65nv\x18\x02 \x03(\x0b\x32#.jobworker.v1.StartRequest.EnvEntry\x12\x10\n\x03\x63wd\x18\x03 \x01(\tH\x00\x88\x01\x01\x12$\n\x06limits\x18\x04 \x01(\x0b\x32\x14.jobworker.v1.Limits\x12&\n\x07network\x18\x05 \x01(\x0e\x32\x15.jobworker.v1.Network\x12\x12\n\nno_sandbox\x18\x06 \x01(\x08\x12\x1c\n\x0ftimeout_seconds\x18\x07 \x01(\x01H\x01\x88\x01\x01\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04_cwdB\x12\n\x10_timeout_seconds\"D\n\rStartResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0b\x32\x17.jobworker.v1.JobStatus\"G\n\x0bStopRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1a\n\rgrace_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_grace_seconds\"7\n\x0cStopResponse\x12\'\n\x06status\x18\x01 \x01(\x0b\x32\x17.jobworker.v1.JobStatus\"\x1b\n\rStatusRequest\x12\n\n\x02id\x18\x01 \x01(\t\"9\n\x0eStatusResponse\x12\'\n\x06status\x18\x01 \x01(\x0b\x32\x17.jobworker.v1.JobStatus\"A\n\x0bListRequest\x12\x0b\n\x03\x61ll\x18\x01 \x01(\x08\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"N\n\x0cListResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.jobworker.v1.JobStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1b\n\rRemoveRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x10\n\x0eRemoveResponse\"\xc9\x01\n\x0bLogsRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12$\n\x06stream\x18\x04 \x01(\x0e\x32\x14.jobworker.v1.Stream\x12\x17\n\ntail_lines\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12)\n\x05since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rsplit_by_time\x18\x07 \x01(\x08\x42\r\n\x0b_tail_lines\"y\n\tLogsChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12$\n\x06stream\x18\x03 \x01(\x0e\x32\x14.jobworker.v1.Stream\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x19\n\x0bWaitRequest\x12\n\n\x02id\x18\x01 \x01(\t\"7\n\x0cWaitResponse\x12\'\n\x06status\x18\x01 \x01(\x0b\x32\x17.jobworker.v1.JobStatus*}\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_RUNNING\x10\x01\x12\x14\n\x10JOB_STATE_EXITED\x10\x02\x12\x15\n\x11JOB_STATE_STOPPED\x10\x03\x12\x12\n\x0eJOB_STATE_LOST\x10\x04*F\n\x07Network\x12\x17\n\x13NETWORK_UNSPECIFIED\x10\x00\x12\x10\n\x0cNETWORK_HOST\x10\x01\x12\x10\n\x0cNETWORK_NONE\x10\x02*F\n\x06Stream\x12\x16\n\x12STREAM_UNSPECIFIED\x10\x00\x12\x11\n\rSTREAM_STDOUT\x10\x01\x12\x11\n\rSTREAM_STDERR\x10\x02\x32\xd2\x03\n\tJobWorker\x12@\n\x05Start\x12\x1a.jobworker.v1.StartRequest\x1a\x1b.jobworker.v1.StartResponse\x12=\n\x04Stop\x12\x19.jobworker.v1.StopRequest\x1a\x1a.jobworker.v1.StopResponse\x12\x43\n\x06Status\x12\x1b.jobworker.v1.StatusRequest\x1a\x1c.jobworker.v1.StatusResponse\x12=\n\x04List\x12\x19.jobworker.v1.ListRequest\x1a\x1a.jobworker.v1.ListResponse\x12<\n\x04Logs\x12\x19.jobworker.v1.LogsRequest\x1a\x17.jobworker.v1.LogsChunk0\x01\x12=\n\x04Wait\x12\x19.jobworker.v1.WaitRequest\x1a\x1a.jobworker.v1.WaitResponse\x12\x43\n\x06Remove\x12\x1b.jobworker.v1.RemoveRequest\x1a\x1c.jobworker.v1.RemoveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n jobworker/api/v1/jobworker.proto\x12\x0cjobworker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb1\x01\n\x07IOLimit\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x15\n\x08read_bps\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\twrite_bps\x18\x03 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\tread_iops\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x17\n\nwrite_iops\x18\x05 \x01(\x04H\x03\x88\x01\x01\x42\x0b\n\t_read_bpsB\x0c\n\n_write_bpsB\x0c\n\n_read_iopsB\r\n\x0b_write_iops\"\xa9\x01\n\x06Limits\x12\x10\n\x03\x63pu\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\ncpu_weight\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x13\n\x06memory\x18\x03 \x01(\x04H\x02\x88\x01\x01\x12!\n\x02io\x18\x04 \x03(\x0b\x32\x15.jobworker.v1.IOLimit\x12\x11\n\x04pids\x18\x05 \x01(\x04H\x03\x88\x01\x01\x42\x06\n\x04_cpuB\r\n\x0b_cpu_weightB\t\n\x07_memoryB\x07\n\x05_pids\"\xd4\x01\n\x05Usage\x12\x15\n\rcpu_user_usec\x18\x01 \x01(\x04\x12\x17\n\x0f\x63pu_system_usec\x18\x02 \x01(\x04\x12\x16\n\x0ememory_current\x18\x03 \x01(\x04\x12\x18\n\x0bmemory_peak\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x15\n\rio_read_bytes\x18\x05 \x01(\x04\x12\x16\n\x0eio_write_bytes\x18\x06 \x01(\x04\x12\x14\n\x0cnr_throttled\x18\x07 \x01(\x04\x12\x14\n\x0cpids_current\x18\x08 \x01(\x04\x42\x0e\n\x0c_memory_peak\"\x90\x03\n\tJobStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.jobworker.v1.JobState\x12\x0c\n\x04\x61rgv\x18\x03 \x03(\t\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x03\x12.\n\nstarted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\texit_code\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06signal\x18\t \x01(\x05H\x01\x88\x01\x01\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x12\n\noom_killed\x18\x0b \x01(\x08\x12$\n\x06limits\x18\x0c \x01(\x0b\x32\x14.jobworker.v1.Limits\x12\"\n\x05usage\x18\r \x01(\x0b\x32\x13.jobworker.v1.Usage\x12\x14\n\x0coutput_bytes\x18\x0e \x01(\x04\x42\x0c\n\n_exit_codeB\t\n\x07_signal\"\xee\x02\n\x0cStartRequest\x12\x0c\n\x04\x61rgv\x18\x01 \x03(\t\x12\x30\n\x03\x65nv\x18\x02 \x03(\x0b\x32#.jobworker.v1.StartRequest.EnvEntry\x12\x10\n\x03\x63wd\x18\x03 \x01(\tH\x00\x88\x01\x01\x12$\n\x06limits\x18\x04 \x01(\x0b\x32\x14.jobworker.v1.Limits\x12&\n\x07network\x18\x05 \x01(\x0e\x32\x15.jobworker.v1.Network\x12\x12\n\nno_sandbox\x18\x06 \x01(\x08\x12\x1c\n\x0ftimeout_seconds\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05stdin\x18\x08 \x01(\x08\x12\x0b\n\x03tty\x18\t \x01(\x08\x12(\n\x06window\x18\n \x01(\x0b\x32\x18.jobworker.v1.WindowSize\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04_cwdB\x12\n\x10_timeout_seconds\"(\n\nWindowSize\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0c\n\x04\x63ols\x18\x02 \x01(\r\"\x95\x01\n\rAttachRequest\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.jobworker.v1.AttachOpenH\x00\x12\x0f\n\x05stdin\x18\x02 \x01(\x0cH\x00\x12*\n\x06resize\x18\x03 \x01(\x0b\x32\x18.jobworker.v1.WindowSizeH\x00\x12\x15\n\x0b\x63lose_stdin\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"B\n\nAttachOpen\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x06window\x18\x02 \x01(\x0b\x32\x18.jobworker.v1.WindowSize\"_\n\x0e\x41ttachResponse\x12-\n\x08\x61ttached\x18\x01 \x01(\x0b\x32\x19.jobworker.v1.AttachReadyH\x00\x12\x16\n\x0cstdin_closed\x18\x02 \x01(\x08H\x00\x42\x06\n\x04kind\"\x1a\n\x0b\x41ttachReady\x12\x0b\n\x03tty\x18\x01 \x01(\x08\"D\n\rStartResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0b\x32\x17.jobworker.v1.JobStatus\"G\n\x0bStopRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1a\n\rgrace_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_grace_seconds\"7\n\x0cStopResponse\x12\'\n\x06status\x18\x01 \x01(\x0b\x32\x17.jobworker.v1.JobStatus\"\x1b\n\rStatusRequest\x12\n\n\x02id\x18\x01 \x01(\t\"9\n\x0eStatusResponse\x12\'\n\x06status\x18\x01 \x01(\x0b\x32\x17.jobworker.v1.JobStatus\"A\n\x0bListRequest\x12\x0b\n\x03\x61ll\x18\x01 \x01(\x08\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"N\n\x0cListResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.jobworker.v1.JobStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1b\n\rRemoveRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x10\n\x0eRemoveResponse\"\xc9\x01\n\x0bLogsRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12$\n\x06stream\x18\x04 \x01(\x0e\x32\x14.jobworker.v1.Stream\x12\x17\n\ntail_lines\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12)\n\x05since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rsplit_by_time\x18\x07 \x01(\x08\x42\r\n\x0b_tail_lines\"y\n\tLogsChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12$\n\x06stream\x18\x03 \x01(\x0e\x32\x14.jobworker.v1.Stream\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x19\n\x0bWaitRequest\x12\n\n\x02id\x18\x01 \x01(\t\"7\n\x0cWaitResponse\x12\'\n\x06status\x18\x01 \x01(\x0b\x32\x17.jobworker.v1.JobStatus*}\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_RUNNING\x10\x01\x12\x14\n\x10JOB_STATE_EXITED\x10\x02\x12\x15\n\x11JOB_STATE_STOPPED\x10\x03\x12\x12\n\x0eJOB_STATE_LOST\x10\x04*F\n\x07Network\x12\x17\n\x13NETWORK_UNSPECIFIED\x10\x00\x12\x10\n\x0cNETWORK_HOST\x10\x01\x12\x10\n\x0cNETWORK_NONE\x10\x02*F\n\x06Stream\x12\x16\n\x12STREAM_UNSPECIFIED\x10\x00\x12\x11\n\rSTREAM_STDOUT\x10\x01\x12\x11\n\rSTREAM_STDERR\x10\x02\x32\x9b\x04\n\tJobWorker\x12@\n\x05Start\x12\x1a.jobworker.v1.StartRequest\x1a\x1b.jobworker.v1.StartResponse\x12=\n\x04Stop\x12\x19.jobworker.v1.StopRequest\x1a\x1a.jobworker.v1.StopResponse\x12\x43\n\x06Status\x12\x1b.jobworker.v1.StatusRequest\x1a\x1c.jobworker.v1.StatusResponse\x12=\n\x04List\x12\x19.jobworker.v1.ListRequest\x1a\x1a.jobworker.v1.ListResponse\x12<\n\x04Logs\x12\x19.jobworker.v1.LogsRequest\x1a\x17.jobworker.v1.LogsChunk0\x01\x12=\n\x04Wait\x12\x19.jobworker.v1.WaitRequest\x1a\x1a.jobworker.v1.WaitResponse\x12\x43\n\x06Remove\x12\x1b.jobworker.v1.RemoveRequest\x1a\x1c.jobworker.v1.RemoveResponse\x12G\n\x06\x41ttach\x12\x1b.jobworker.v1.AttachRequest\x1a\x1c.jobworker.v1.AttachResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +34,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STARTREQUEST_ENVENTRY']._loaded_options = None
   _globals['_STARTREQUEST_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=2245
-  _globals['_JOBSTATE']._serialized_end=2370
-  _globals['_NETWORK']._serialized_start=2372
-  _globals['_NETWORK']._serialized_end=2442
-  _globals['_STREAM']._serialized_start=2444
-  _globals['_STREAM']._serialized_end=2514
+  _globals['_JOBSTATE']._serialized_start=2702
+  _globals['_JOBSTATE']._serialized_end=2827
+  _globals['_NETWORK']._serialized_start=2829
+  _globals['_NETWORK']._serialized_end=2899
+  _globals['_STREAM']._serialized_start=2901
+  _globals['_STREAM']._serialized_end=2971
   _globals['_IOLIMIT']._serialized_start=84
   _globals['_IOLIMIT']._serialized_end=261
   _globals['_LIMITS']._serialized_start=264
@@ -49,35 +49,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBSTATUS']._serialized_start=651
   _globals['_JOBSTATUS']._serialized_end=1051
   _globals['_STARTREQUEST']._serialized_start=1054
-  _globals['_STARTREQUEST']._serialized_end=1350
-  _globals['_STARTREQUEST_ENVENTRY']._serialized_start=1280
-  _globals['_STARTREQUEST_ENVENTRY']._serialized_end=1322
-  _globals['_STARTRESPONSE']._serialized_start=1352
-  _globals['_STARTRESPONSE']._serialized_end=1420
-  _globals['_STOPREQUEST']._serialized_start=1422
-  _globals['_STOPREQUEST']._serialized_end=1493
-  _globals['_STOPRESPONSE']._serialized_start=1495
-  _globals['_STOPRESPONSE']._serialized_end=1550
-  _globals['_STATUSREQUEST']._serialized_start=1552
-  _globals['_STATUSREQUEST']._serialized_end=1579
-  _globals['_STATUSRESPONSE']._serialized_start=1581
-  _globals['_STATUSRESPONSE']._serialized_end=1638
-  _globals['_LISTREQUEST']._serialized_start=1640
-  _globals['_LISTREQUEST']._serialized_end=1705
-  _globals['_LISTRESPONSE']._serialized_start=1707
-  _globals['_LISTRESPONSE']._serialized_end=1785
-  _globals['_REMOVEREQUEST']._serialized_start=1787
-  _globals['_REMOVEREQUEST']._serialized_end=1814
-  _globals['_REMOVERESPONSE']._serialized_start=1816
-  _globals['_REMOVERESPONSE']._serialized_end=1832
-  _globals['_LOGSREQUEST']._serialized_start=1835
-  _globals['_LOGSREQUEST']._serialized_end=2036
-  _globals['_LOGSCHUNK']._serialized_start=2038
-  _globals['_LOGSCHUNK']._serialized_end=2159
-  _globals['_WAITREQUEST']._serialized_start=2161
-  _globals['_WAITREQUEST']._serialized_end=2186
-  _globals['_WAITRESPONSE']._serialized_start=2188
-  _globals['_WAITRESPONSE']._serialized_end=2243
-  _globals['_JOBWORKER']._serialized_start=2517
-  _globals['_JOBWORKER']._serialized_end=2983
+  _globals['_STARTREQUEST']._serialized_end=1420
+  _globals['_STARTREQUEST_ENVENTRY']._serialized_start=1350
+  _globals['_STARTREQUEST_ENVENTRY']._serialized_end=1392
+  _globals['_WINDOWSIZE']._serialized_start=1422
+  _globals['_WINDOWSIZE']._serialized_end=1462
+  _globals['_ATTACHREQUEST']._serialized_start=1465
+  _globals['_ATTACHREQUEST']._serialized_end=1614
+  _globals['_ATTACHOPEN']._serialized_start=1616
+  _globals['_ATTACHOPEN']._serialized_end=1682
+  _globals['_ATTACHRESPONSE']._serialized_start=1684
+  _globals['_ATTACHRESPONSE']._serialized_end=1779
+  _globals['_ATTACHREADY']._serialized_start=1781
+  _globals['_ATTACHREADY']._serialized_end=1807
+  _globals['_STARTRESPONSE']._serialized_start=1809
+  _globals['_STARTRESPONSE']._serialized_end=1877
+  _globals['_STOPREQUEST']._serialized_start=1879
+  _globals['_STOPREQUEST']._serialized_end=1950
+  _globals['_STOPRESPONSE']._serialized_start=1952
+  _globals['_STOPRESPONSE']._serialized_end=2007
+  _globals['_STATUSREQUEST']._serialized_start=2009
+  _globals['_STATUSREQUEST']._serialized_end=2036
+  _globals['_STATUSRESPONSE']._serialized_start=2038
+  _globals['_STATUSRESPONSE']._serialized_end=2095
+  _globals['_LISTREQUEST']._serialized_start=2097
+  _globals['_LISTREQUEST']._serialized_end=2162
+  _globals['_LISTRESPONSE']._serialized_start=2164
+  _globals['_LISTRESPONSE']._serialized_end=2242
+  _globals['_REMOVEREQUEST']._serialized_start=2244
+  _globals['_REMOVEREQUEST']._serialized_end=2271
+  _globals['_REMOVERESPONSE']._serialized_start=2273
+  _globals['_REMOVERESPONSE']._serialized_end=2289
+  _globals['_LOGSREQUEST']._serialized_start=2292
+  _globals['_LOGSREQUEST']._serialized_end=2493
+  _globals['_LOGSCHUNK']._serialized_start=2495
+  _globals['_LOGSCHUNK']._serialized_end=2616
+  _globals['_WAITREQUEST']._serialized_start=2618
+  _globals['_WAITREQUEST']._serialized_end=2643
+  _globals['_WAITRESPONSE']._serialized_start=2645
+  _globals['_WAITRESPONSE']._serialized_end=2700
+  _globals['_JOBWORKER']._serialized_start=2974
+  _globals['_JOBWORKER']._serialized_end=3513
 # @@protoc_insertion_point(module_scope)

@@ -350,6 +350,9 @@ class StartRequest(_message.Message):
     NETWORK_FIELD_NUMBER: _builtins.int
     NO_SANDBOX_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    STDIN_FIELD_NUMBER: _builtins.int
+    TTY_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
     cwd: _builtins.str
     """Absolute working directory; "/" when unset."""
     network: Global___Network.ValueType
@@ -362,6 +365,12 @@ class StartRequest(_message.Message):
     """Seconds the job may run; at the deadline it is stopped (SIGTERM, grace, SIGKILL) with
     "deadline exceeded" in its stop reason. Unset: the daemon's --max-runtime, if any.
     """
+    stdin: _builtins.bool
+    """Give the job a pipe as its stdin, to write to with Attach (else it reads /dev/null)."""
+    tty: _builtins.bool
+    """Give the job a pseudo-terminal as its controlling terminal (stdin, stdout and stderr);
+    implies stdin. Its output is the terminal's bytes. The policy may forbid it for a role.
+    """
     @_builtins.property
     def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The command and its arguments; argv[0] is looked up in PATH."""
@@ -372,6 +381,10 @@ class StartRequest(_message.Message):
 
     @_builtins.property
     def limits(self) -> Global___Limits: ...
+    @_builtins.property
+    def window(self) -> Global___WindowSize:
+        """The terminal's initial size (tty only; 24x80 when unset)."""
+
     def __init__(
         self,
         *,
@@ -382,10 +395,13 @@ class StartRequest(_message.Message):
         network: Global___Network.ValueType = ...,
         no_sandbox: _builtins.bool = ...,
         timeout_seconds: _builtins.float | None = ...,
+        stdin: _builtins.bool = ...,
+        tty: _builtins.bool = ...,
+        window: Global___WindowSize | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_cwd", b"_cwd", "_timeout_seconds", b"_timeout_seconds", "cwd", b"cwd", "limits", b"limits", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cwd", b"_cwd", "_timeout_seconds", b"_timeout_seconds", "cwd", b"cwd", "limits", b"limits", "timeout_seconds", b"timeout_seconds", "window", b"window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cwd", b"_cwd", "_timeout_seconds", b"_timeout_seconds", "argv", b"argv", "cwd", b"cwd", "env", b"env", "limits", b"limits", "network", b"network", "no_sandbox", b"no_sandbox", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cwd", b"_cwd", "_timeout_seconds", b"_timeout_seconds", "argv", b"argv", "cwd", b"cwd", "env", b"env", "limits", b"limits", "network", b"network", "no_sandbox", b"no_sandbox", "stdin", b"stdin", "timeout_seconds", b"timeout_seconds", "tty", b"tty", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cwd: _TypeAlias = _typing.Literal["cwd"]  # noqa: Y015
     _WhichOneofArgType__cwd: _TypeAlias = _typing.Literal["_cwd", b"_cwd"]  # noqa: Y015
@@ -397,6 +413,142 @@ class StartRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout_seconds) -> _WhichOneofReturnType__timeout_seconds | None: ...
 
 Global___StartRequest: _TypeAlias = StartRequest  # noqa: Y015
+
+@_typing.final
+class WindowSize(_message.Message):
+    """A terminal's size in characters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    COLS_FIELD_NUMBER: _builtins.int
+    rows: _builtins.int
+    cols: _builtins.int
+    def __init__(
+        self,
+        *,
+        rows: _builtins.int = ...,
+        cols: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cols", b"cols", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WindowSize: _TypeAlias = WindowSize  # noqa: Y015
+
+@_typing.final
+class AttachRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPEN_FIELD_NUMBER: _builtins.int
+    STDIN_FIELD_NUMBER: _builtins.int
+    RESIZE_FIELD_NUMBER: _builtins.int
+    CLOSE_STDIN_FIELD_NUMBER: _builtins.int
+    stdin: _builtins.bytes
+    """Bytes for the job's stdin (at most 1 MiB per request)."""
+    close_stdin: _builtins.bool
+    """End of input: closes the job's stdin pipe (for every client). A terminal has no end of
+    input of its own: send its EOF character (Ctrl+D) as bytes instead.
+    """
+    @_builtins.property
+    def open(self) -> Global___AttachOpen:
+        """The first request, and only the first."""
+
+    @_builtins.property
+    def resize(self) -> Global___WindowSize:
+        """The terminal's new size (terminal jobs only; others ignore it)."""
+
+    def __init__(
+        self,
+        *,
+        open: Global___AttachOpen | None = ...,
+        stdin: _builtins.bytes = ...,
+        resize: Global___WindowSize | None = ...,
+        close_stdin: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["close_stdin", b"close_stdin", "kind", b"kind", "open", b"open", "resize", b"resize", "stdin", b"stdin"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["close_stdin", b"close_stdin", "kind", b"kind", "open", b"open", "resize", b"resize", "stdin", b"stdin"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "stdin", "resize", "close_stdin"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___AttachRequest: _TypeAlias = AttachRequest  # noqa: Y015
+
+@_typing.final
+class AttachOpen(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    @_builtins.property
+    def window(self) -> Global___WindowSize:
+        """The client's terminal size, applied at once (terminal jobs only)."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        window: Global___WindowSize | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachOpen: _TypeAlias = AttachOpen  # noqa: Y015
+
+@_typing.final
+class AttachResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTACHED_FIELD_NUMBER: _builtins.int
+    STDIN_CLOSED_FIELD_NUMBER: _builtins.int
+    stdin_closed: _builtins.bool
+    """The job's stdin is closed; the call ends after this."""
+    @_builtins.property
+    def attached(self) -> Global___AttachReady:
+        """Attached: stdin bytes may follow. Also says whether the job has a terminal."""
+
+    def __init__(
+        self,
+        *,
+        attached: Global___AttachReady | None = ...,
+        stdin_closed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "kind", b"kind", "stdin_closed", b"stdin_closed"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "kind", b"kind", "stdin_closed", b"stdin_closed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["attached", "stdin_closed"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___AttachResponse: _TypeAlias = AttachResponse  # noqa: Y015
+
+@_typing.final
+class AttachReady(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TTY_FIELD_NUMBER: _builtins.int
+    tty: _builtins.bool
+    def __init__(
+        self,
+        *,
+        tty: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tty", b"tty"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachReady: _TypeAlias = AttachReady  # noqa: Y015
 
 @_typing.final
 class StartResponse(_message.Message):

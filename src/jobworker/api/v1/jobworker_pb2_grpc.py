@@ -70,6 +70,11 @@ class JobWorkerStub(object):
                 request_serializer=jobworker_dot_api_dot_v1_dot_jobworker__pb2.RemoveRequest.SerializeToString,
                 response_deserializer=jobworker_dot_api_dot_v1_dot_jobworker__pb2.RemoveResponse.FromString,
                 _registered_method=True)
+        self.Attach = channel.stream_stream(
+                '/jobworker.v1.JobWorker/Attach',
+                request_serializer=jobworker_dot_api_dot_v1_dot_jobworker__pb2.AttachRequest.SerializeToString,
+                response_deserializer=jobworker_dot_api_dot_v1_dot_jobworker__pb2.AttachResponse.FromString,
+                _registered_method=True)
 
 
 class JobWorkerServicer(object):
@@ -128,6 +133,20 @@ class JobWorkerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attach(self, request_iterator, context):
+        """Type into a job started with stdin or a terminal: the first request names the job
+        (AttachRequest.open), the next ones carry stdin bytes, window sizes and the end of stdin.
+        The daemon answers once attached (AttachResponse.attached) and, when the job's stdin is
+        closed (the job ended, closed it, or a client sent close_stdin), with stdin_closed before
+        it ends the call. The job's output is read with Logs, as for any job. Needs the right to
+        start jobs and to see the job (the owner or an admin); a viewer is PERMISSION_DENIED, another
+        user's job NOT_FOUND; a job without stdin is FAILED_PRECONDITION. Flow control: the daemon
+        reads the next request only once the previous bytes are in the job's stdin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +184,11 @@ def add_JobWorkerServicer_to_server(servicer, server):
                     servicer.Remove,
                     request_deserializer=jobworker_dot_api_dot_v1_dot_jobworker__pb2.RemoveRequest.FromString,
                     response_serializer=jobworker_dot_api_dot_v1_dot_jobworker__pb2.RemoveResponse.SerializeToString,
+            ),
+            'Attach': grpc.stream_stream_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=jobworker_dot_api_dot_v1_dot_jobworker__pb2.AttachRequest.FromString,
+                    response_serializer=jobworker_dot_api_dot_v1_dot_jobworker__pb2.AttachResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +381,33 @@ class JobWorker(object):
             '/jobworker.v1.JobWorker/Remove',
             jobworker_dot_api_dot_v1_dot_jobworker__pb2.RemoveRequest.SerializeToString,
             jobworker_dot_api_dot_v1_dot_jobworker__pb2.RemoveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/jobworker.v1.JobWorker/Attach',
+            jobworker_dot_api_dot_v1_dot_jobworker__pb2.AttachRequest.SerializeToString,
+            jobworker_dot_api_dot_v1_dot_jobworker__pb2.AttachResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,16 @@ class JobWorkerStub:
     """Remove an ended job: its record and log. The owner or an admin may; a running job is
     FAILED_PRECONDITION.
     """
+    Attach: _grpc.StreamStreamMultiCallable[_jobworker_pb2.AttachRequest, _jobworker_pb2.AttachResponse]
+    """Type into a job started with stdin or a terminal: the first request names the job
+    (AttachRequest.open), the next ones carry stdin bytes, window sizes and the end of stdin.
+    The daemon answers once attached (AttachResponse.attached) and, when the job's stdin is
+    closed (the job ended, closed it, or a client sent close_stdin), with stdin_closed before
+    it ends the call. The job's output is read with Logs, as for any job. Needs the right to
+    start jobs and to see the job (the owner or an admin); a viewer is PERMISSION_DENIED, another
+    user's job NOT_FOUND; a job without stdin is FAILED_PRECONDITION. Flow control: the daemon
+    reads the next request only once the previous bytes are in the job's stdin.
+    """
 
 @_typing.type_check_only
 class JobWorkerAsyncStub(JobWorkerStub):
@@ -88,6 +98,16 @@ class JobWorkerAsyncStub(JobWorkerStub):
     Remove: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.RemoveRequest, _jobworker_pb2.RemoveResponse]  # type: ignore[assignment]
     """Remove an ended job: its record and log. The owner or an admin may; a running job is
     FAILED_PRECONDITION.
+    """
+    Attach: _aio.StreamStreamMultiCallable[_jobworker_pb2.AttachRequest, _jobworker_pb2.AttachResponse]  # type: ignore[assignment]
+    """Type into a job started with stdin or a terminal: the first request names the job
+    (AttachRequest.open), the next ones carry stdin bytes, window sizes and the end of stdin.
+    The daemon answers once attached (AttachResponse.attached) and, when the job's stdin is
+    closed (the job ended, closed it, or a client sent close_stdin), with stdin_closed before
+    it ends the call. The job's output is read with Logs, as for any job. Needs the right to
+    start jobs and to see the job (the owner or an admin); a viewer is PERMISSION_DENIED, another
+    user's job NOT_FOUND; a job without stdin is FAILED_PRECONDITION. Flow control: the daemon
+    reads the next request only once the previous bytes are in the job's stdin.
     """
 
 class JobWorkerServicer(metaclass=_abc_1.ABCMeta):
@@ -153,6 +173,22 @@ class JobWorkerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_jobworker_pb2.RemoveResponse, _abc.Awaitable[_jobworker_pb2.RemoveResponse]]:
         """Remove an ended job: its record and log. The owner or an admin may; a running job is
         FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def Attach(
+        self,
+        request_iterator: _MaybeAsyncIterator[_jobworker_pb2.AttachRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_jobworker_pb2.AttachResponse], _abc.AsyncIterator[_jobworker_pb2.AttachResponse]]:
+        """Type into a job started with stdin or a terminal: the first request names the job
+        (AttachRequest.open), the next ones carry stdin bytes, window sizes and the end of stdin.
+        The daemon answers once attached (AttachResponse.attached) and, when the job's stdin is
+        closed (the job ended, closed it, or a client sent close_stdin), with stdin_closed before
+        it ends the call. The job's output is read with Logs, as for any job. Needs the right to
+        start jobs and to see the job (the owner or an admin); a viewer is PERMISSION_DENIED, another
+        user's job NOT_FOUND; a job without stdin is FAILED_PRECONDITION. Flow control: the daemon
+        reads the next request only once the previous bytes are in the job's stdin.
         """
 
 def add_JobWorkerServicer_to_server(servicer: JobWorkerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -23,6 +23,7 @@ from jobworker.errors import (
     RemoteError,
     ResourceExhausted,
     ShuttingDown,
+    StdinClosed,
 )
 from jobworker.spec import JobStatus
 
@@ -112,7 +113,7 @@ def error_exit(e: JobworkerError, addr: str) -> CommandExit:
         return CommandExit(Exit.PERMISSION, f"permission denied: {e}")
     if isinstance(e, LimitUnavailable):
         return CommandExit(Exit.LIMIT_UNAVAILABLE, str(e))
-    if isinstance(e, JobRunning):
+    if isinstance(e, JobRunning | StdinClosed):
         return CommandExit(Exit.INVALID, str(e))
     if isinstance(e, ResourceExhausted):
         return CommandExit(Exit.RESOURCE_EXHAUSTED, f"workerd has no room for the request: {e}")

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
+from jobworker.client.cli import attach
 from jobworker.client.cli.app import cli
 from jobworker.client.cli.completion import JOB_ID, complete_job_ids
 from jobworker.client.cli.exits import CommandExit, Exit, StdoutClosed, finish, warn
@@ -199,6 +200,15 @@ def start(
 
 @cli.command(context_settings=JOB_CONTEXT)
 @job_options
+@click.option(
+    "-i", "--interactive", is_flag=True, help="Stream stdin to the job; your EOF closes its stdin."
+)
+@click.option(
+    "-t",
+    "--tty",
+    is_flag=True,
+    help="Give the job a terminal (implies -i); Ctrl+P Ctrl+Q detaches, `worker attach` returns.",
+)
 @click.pass_context
 def run(
     ctx: click.Context,
@@ -206,6 +216,8 @@ def run(
     command: tuple[str, ...],
     env: tuple[str, ...],
     cwd: str | None,
+    interactive: bool,
+    tty: bool,
     **options: Any,
 ) -> None:
     """Start CMD, stream its output, and exit with its exit code.
@@ -215,33 +227,45 @@ def run(
     goes away (`worker run -- seq 1000000 | head`) the job is stopped too, as SIGPIPE would.
     A job stopped by its deadline (--timeout) exits 124, as timeout(1) does.
 
+    -i streams your stdin to the job (your EOF closes its stdin). -t gives it a terminal: yours
+    goes raw, every key (Ctrl+C too) goes to the job, Ctrl+P Ctrl+Q detaches.
+
     \b
       worker run --cpu 0.5 -- python3 -c 'print(sum(range(10**7)))'
     """
     settings = settings_of(ctx)
     limits, variables, place = _limits(options), _env(env), _placement(options)
     out, err = sys.stdout.buffer, sys.stderr.buffer
+    size = attach.local_terminal_size() if tty else None
 
     async def body(session: Session) -> JobStatus:
-        status = await session.client.start(command, env=variables, cwd=cwd, limits=limits, **place)
-        with _interruptible(session, status.id) as detached:
+        status = await session.client.start(
+            command, env=variables, cwd=cwd, limits=limits, stdin=interactive, tty=size, **place
+        )
+        if tty:  # a terminal session: jobworker.client.cli.attach
             try:
-                await follow_output(session, status.id, True, out, err)
-                final = await wait_for_end(session, status.id)
-            except StdoutClosed:
-                # As SIGPIPE would end a local command whose reader went away.
-                with contextlib.suppress(JobworkerError):
-                    await session.client.stop(status.id)
-                raise
-            except asyncio.CancelledError:
-                if detached():
-                    raise CommandExit(
-                        Exit.INTERRUPTED,
-                        f"detached from job {status.id} (it is being stopped; "
-                        f"`worker status {status.id}`)",
-                    ) from None
-                raise
-        return final
+                return await attach.terminal_session(session, status.id, 0)
+            except attach.Detached:
+                raise attach.detached_exit(status.id) from None
+        async with attach.feeding_stdin(session, status.id, interactive):
+            with _interruptible(session, status.id) as detached:
+                try:
+                    await follow_output(session, status.id, True, out, err)
+                    final = await wait_for_end(session, status.id)
+                except StdoutClosed:
+                    # As SIGPIPE would end a local command whose reader went away.
+                    with contextlib.suppress(JobworkerError):
+                        await session.client.stop(status.id)
+                    raise
+                except asyncio.CancelledError:
+                    if detached():
+                        raise CommandExit(
+                            Exit.INTERRUPTED,
+                            f"detached from job {status.id} (it is being stopped; "
+                            f"`worker status {status.id}`)",
+                        ) from None
+                    raise
+            return final
 
     final = remote(settings, body)
     if final.state is JobState.STOPPED or final.oom_killed:
