@@ -254,8 +254,14 @@ class Fleet:
                 await self.store.swap(key, pending, None)
             raise
         held = Slot(layout.JOB, job=status.id, at=time.time()).to_json()
-        if not await self.store.swap(key, pending, held, host.record.lease):
-            self.warn(f"slot {key} was reclaimed before the handover; the host gives it back")
+        try:
+            handed = await self.store.swap(key, pending, held, host.record.lease)
+        except JobworkerError as e:  # the job runs; the host gives it a slot (its reconcile)
+            handed, why = False, str(e)
+        else:
+            why = "it was reclaimed first"
+        if not handed:
+            self.warn(f"job {status.id} started, but its slot {key} was not handed over ({why})")
         return Placed(host, status)
 
 

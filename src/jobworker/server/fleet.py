@@ -196,7 +196,7 @@ class Registrar:
             self.config.ttl,
             self.store.describe(),
         )
-        await self._reconcile()
+        await self._reconcile(fresh=True)
         self.registered.set()
 
     async def _publish(self) -> None:
@@ -206,7 +206,7 @@ class Registrar:
             await self.store.put(layout.host_key(self.config.name), data, self.lease)
             self._published = data
 
-    async def _reconcile(self) -> None:
+    async def _reconcile(self, *, fresh: bool = False) -> None:
         """Make the slots tell the truth: a slot per running job (a job started with --addr, or
         whose client died before handing its slot over, takes a free one after the grace), no
         slot for an ended job, no pending reservation older than the grace."""
@@ -235,7 +235,7 @@ class Registrar:
         orphans = [
             j
             for j in jobs.values()
-            if j.id not in slotted and now - j.started_at.timestamp() > grace
+            if j.id not in slotted and (fresh or now - j.started_at.timestamp() > grace)
         ]
         for job in orphans:
             value = Slot(layout.JOB, job=job.id, at=now).to_json()
