@@ -9,6 +9,7 @@ import asyncio
 import collections
 import json
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -336,3 +337,25 @@ def test_selectors_and_endpoints() -> None:
     assert layout.split_fleet_id("123") is None
     with pytest.raises(Exception, match="fleet job id"):
         layout.split_fleet_id("Host_A/1")
+
+
+async def test_ctrl_c_stops_every_job(fleet: Fleet, three: dict[str, Host], tmp_path: Path) -> None:
+    _, argv = gated(tmp_path)  # the gate never opens: only the stop ends them
+    args, env = worker_argv(fleet, "run", "--on", "all", "--", *argv)
+    run = await asyncio.create_subprocess_exec(
+        *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert run.stdout is not None
+    async with asyncio.timeout(30):
+        for _ in HOSTS:
+            assert (await run.stdout.readline()).endswith(b": started\n")
+    run.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(run.communicate(), 30)
+    summary = err.decode()
+    assert "stopping the job on 3 host(s)" in summary
+    for name in HOSTS:
+        assert re.search(rf"^{name}\s+143\s+stopped \(stopped by alice\)", summary, re.M), summary
+    assert run.returncode == 143
+    listing = json.loads((await worker(fleet, "list", "--json")).out)
+    assert sorted(j["host"] for j in listing) == sorted(HOSTS)
+    assert {j["state"] for j in listing} == {"stopped"}

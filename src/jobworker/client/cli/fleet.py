@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shlex
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -267,7 +268,7 @@ def fleet_list(settings: Settings, all_jobs: bool, as_json: bool) -> None:
                         _short_exit(s),
                         _safe(s.owner),
                         _time(s.started_at),
-                        _safe(" ".join(s.argv)),
+                        _safe(shlex.join(s.argv)),
                     )
                     for h, s in rows
                 ],
