@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,9 +56,9 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def wait(what: str, check: object, log: Path) -> None:
+def wait(what: str, check: Callable[[], bool], log: Path) -> None:
     deadline = time.monotonic() + TIMEOUT
-    while not check():  # type: ignore[operator]
+    while not check():
         if time.monotonic() > deadline:
             fail(f"{what} did not come up in {TIMEOUT:.0f}s; see {log}")
         time.sleep(0.1)
@@ -125,7 +126,7 @@ def start() -> None:
         )  # fmt: skip
     for name in HOSTS:
         log = DEV / f"{name}.log"
-        wait(name, lambda log=log: "fleet: registered" in log.read_text(), log)  # type: ignore[misc]
+        wait(name, lambda log=log: "fleet: registered" in log.read_text(), log)
     (DEV / "env").write_text(
         "".join(f"export {k}={v}\n" for k, v in env().items() if k.startswith("WORKER_"))
     )
