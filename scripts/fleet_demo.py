@@ -89,6 +89,7 @@ def start() -> None:
     etcd = shutil.which("etcd")
     if etcd is None:
         fail("no etcd: apt-get install etcd-server (Debian's package)")
+        return
     DEV.mkdir(parents=True, exist_ok=True)
     if not (PKI / "ca.pem").exists():
         subprocess.run(
@@ -126,7 +127,11 @@ def start() -> None:
         )  # fmt: skip
     for name in HOSTS:
         log = DEV / f"{name}.log"
-        wait(name, lambda log=log: "fleet: registered" in log.read_text(), log)
+
+        def registered(log: Path = log) -> bool:
+            return "fleet: registered" in log.read_text()
+
+        wait(name, registered, log)
     (DEV / "env").write_text(
         "".join(f"export {k}={v}\n" for k, v in env().items() if k.startswith("WORKER_"))
     )
