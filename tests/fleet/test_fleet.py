@@ -298,7 +298,7 @@ async def _slotted(fleet: Fleet, host: str) -> bool:
 
 
 async def test_a_host_must_prove_its_name(fleet: Fleet, tmp_path: Path) -> None:
-    a = await fleet.start("host-a", "zone=a")
+    a = await fleet.start("host-a", "zone=a", "--capacity", "10")
     # workerd refuses to register under a name its certificate does not carry ...
     impostor = await fleet.start("host-x", "zone=a", cert_of="host-b", wait=False)
     assert await asyncio.wait_for(impostor.proc.wait(), 30) == 1

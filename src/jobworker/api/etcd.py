@@ -151,11 +151,12 @@ class Store:
 
     # -- keys ------------------------------------------------------------------------------
 
-    async def get_prefix(self, prefix: str) -> tuple[list[KV], int]:
-        """Every key under ``prefix`` and the store's revision they were read at."""
+    async def get_prefix(self, prefix: str, *, keys_only: bool = False) -> tuple[list[KV], int]:
+        """Every key under ``prefix`` (without values, with ``keys_only``) and the store's
+        revision they were read at."""
 
         async def op(c: _Client) -> tuple[list[KV], int]:
-            r = await c.get_prefix(prefix.encode())
+            r = await c.get_prefix(prefix.encode(), keys_only=keys_only)
             return [_kv(kv) for kv in r.kvs], int(r.header.revision)
 
         result: tuple[list[KV], int] = await self._call(f"a read of {prefix}", op)

@@ -114,6 +114,8 @@ class HostRecord:
     labels: Mapping[str, str] = field(default_factory=dict)
     capacity: int = 1
     running: int = 0
+    used: int = 0
+    """Slots held at the host's last reconcile (a placement reads the live count)."""
     controllers: tuple[str, ...] = ()
     version: str = ""
     lease: int = 0
@@ -128,6 +130,7 @@ class HostRecord:
                 "labels": dict(self.labels),
                 "capacity": self.capacity,
                 "running": self.running,
+                "used": self.used,
                 "controllers": list(self.controllers),
                 "version": self.version,
                 "lease": self.lease,
@@ -148,6 +151,7 @@ class HostRecord:
                 labels={str(k): str(v) for k, v in dict(d.get("labels", {})).items()},
                 capacity=int(d["capacity"]),
                 running=int(d.get("running", 0)),
+                used=int(d.get("used", 0)),
                 controllers=tuple(str(c) for c in d.get("controllers", ())),
                 version=str(d.get("version", "")),
                 lease=int(d.get("lease", 0)),

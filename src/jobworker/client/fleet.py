@@ -29,7 +29,7 @@ from typing import Any
 
 from jobworker import tls
 from jobworker.api import fleet as layout
-from jobworker.api.etcd import KV, EtcdTls, Store
+from jobworker.api.etcd import EtcdTls, Store
 from jobworker.api.fleet import Endpoints, HostRecord, Selector, Slot
 from jobworker.client.client import Client
 from jobworker.errors import JobworkerError, ResourceExhausted
@@ -170,14 +170,13 @@ class Fleet:
         records = [
             r for r in await self.records() if selector is None or selector.matches(r.labels)
         ]
-        slots = await self.slots()
         checks = await asyncio.gather(*(self._verify(r) for r in records))
         ages: list[float | None] = [None] * len(records)
         if heartbeats:
             ages = list(await asyncio.gather(*(self._age(r) for r in records)))
         return sorted(
             (
-                Host(r, len(slots.get(r.name, [])), age, problem)
+                Host(r, r.used, age, problem)
                 for r, problem, age in zip(records, checks, ages, strict=True)
                 if problem is not None
             ),
@@ -187,14 +186,6 @@ class Fleet:
     async def _age(self, record: HostRecord) -> float | None:
         granted, remaining = await self.store.lease_ttl(record.lease)
         return None if remaining < 0 else float(max(granted - remaining, 0))
-
-    async def slots(self) -> dict[str, list[KV]]:
-        kvs, _ = await self.store.get_prefix(layout.SLOTS)
-        by_host: dict[str, list[KV]] = {}
-        for kv in kvs:
-            host = kv.key.removeprefix(layout.SLOTS).split("/", 1)[0]
-            by_host.setdefault(host, []).append(kv)
-        return by_host
 
     async def host(self, name: str) -> Host:
         """The registered host ``name``, checked; :class:`LookupError` when it is not there."""
@@ -209,31 +200,48 @@ class Fleet:
 
     # -- placement -------------------------------------------------------------------------
 
+    async def _free(self, host: Host) -> list[int]:
+        """The host's free slot indexes, read now (keys only: one small range read)."""
+        kvs, _ = await self.store.get_prefix(layout.slots_prefix(host.name), keys_only=True)
+        taken = {layout.slot_index(kv.key) for kv in kvs}
+        return [i for i in range(host.record.capacity) if i not in taken]
+
     async def reserve(self, selector: Selector) -> tuple[Host, str, bytes]:
         """A slot on the least-loaded matching host: ``(host, slot key, our pending value)``.
-        Raises :class:`ResourceExhausted` when every matching host is full."""
+        Raises :class:`ResourceExhausted` when every matching host is full.
+
+        Hosts are ranked by the load their records state (as of their last reconcile); the
+        live slots of the best are read, and of the next ones while their stated load is
+        below the best live load found, so a stale record costs a read, not a wrong choice."""
         token = uuid.uuid4().hex
         hosts = [h for h in await self.hosts(selector) if not h.problem]
         if not hosts:
             raise ResourceExhausted(
                 f"no registered host answers and matches {selector_text(selector)}"
             )
+        full: set[str] = set()
         for _ in range(PLACEMENT_ATTEMPTS):
-            slots = await self.slots()
-            free: list[tuple[float, int, str, Host, list[int]]] = []
-            for h in hosts:
-                taken = {layout.slot_index(kv.key) for kv in slots.get(h.name, [])}
-                open_ = [i for i in range(h.record.capacity) if i not in taken]
-                if open_:
-                    load = len(taken) / h.record.capacity
-                    free.append((load, h.record.running, h.name, h, open_))
-            if not free:
+            ranked = sorted(
+                (h for h in hosts if h.name not in full),
+                key=lambda h: (h.record.used / h.record.capacity, h.record.running, h.name),
+            )
+            best: tuple[float, str, Host, list[int]] | None = None
+            for h in ranked:
+                if best is not None and h.record.used / h.record.capacity >= best[0]:
+                    break
+                free = await self._free(h)
+                if not free:
+                    full.add(h.name)
+                    continue
+                load = 1 - len(free) / h.record.capacity
+                if best is None or (load, h.name) < best[:2]:
+                    best = (load, h.name, h, free)
+            if best is None:
                 raise ResourceExhausted(
                     f"every host matching {selector_text(selector)} is full "
                     f"({', '.join(f'{h.name} {h.record.capacity}' for h in hosts)} slots)"
                 )
-            best = min(free, key=lambda f: f[:3])
-            host, index = best[3], random.choice(best[4])
+            host, index = best[2], random.choice(best[3])
             value = Slot(layout.PENDING, token=token).to_json()
             key = layout.slot_key(host.name, index)
             if await self.store.create(

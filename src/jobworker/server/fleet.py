@@ -102,6 +102,8 @@ class Registrar:
         self.registered = asyncio.Event()
         self._closing = asyncio.Event()
         self._published: bytes = b""
+        self._used = 0
+        self._reconciled: tuple[frozenset[str], float] = (frozenset(), 0.0)
         self._registered_at = 0.0
         self._task: asyncio.Task[None] | None = None
         self._clock: Callable[[], float] = time.time
@@ -143,8 +145,8 @@ class Registrar:
                     log.warning("fleet: lease %x expired; registering again", self.lease)
                     self._lost()
                     continue
-                await self._publish()
                 await self._reconcile()
+                await self._publish()
             except EtcdUnavailable as e:
                 if not failing:
                     log.warning("fleet: %s; jobs go on, retrying every %.1fs", e, interval)
@@ -166,6 +168,7 @@ class Registrar:
             labels=self.config.labels,
             capacity=self.capacity,
             running=running,
+            used=self._used,
             controllers=tuple(sorted(self.manager.available_controllers)),
             version=version("jobworker"),
             lease=self.lease,
@@ -213,6 +216,12 @@ class Registrar:
         now = self._clock()
         grace = self.config.pending_grace
         jobs = {s.id: s for s in self.manager.list() if s.state is JobState.RUNNING}
+        # Read the slots only when the running jobs changed, or a grace has passed (pending
+        # reservations to reclaim): a tick of an idle host costs etcd no read.
+        running, last = frozenset(jobs), self._reconciled
+        if not fresh and running == last[0] and now - last[1] < grace / 4:
+            return
+        self._reconciled = (running, now)
         kvs, _ = await self.store.get_prefix(layout.slots_prefix(self.config.name))
         slotted: set[str] = set()
         stale: list[tuple[str, int]] = []
@@ -250,7 +259,10 @@ class Registrar:
             used.add(free[0])
             await self.store.create(layout.slot_key(self.config.name, free[0]), value, self.lease)
         for key, rev in stale:
-            await self.store.delete(key, rev)
+            index = layout.slot_index(key)
+            if await self.store.delete(key, rev) and index is not None:
+                used.discard(index)
+        self._used = len(used)
 
 
 def new_token() -> str:
