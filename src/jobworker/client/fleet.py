@@ -163,14 +163,20 @@ class Fleet:
         return self._verified[key]
 
     async def hosts(
-        self, selector: Selector | None = None, *, heartbeats: bool = False
+        self, selector: Selector | None = None, *, heartbeats: bool = False, verify: bool = True
     ) -> list[Host]:
         """The registered hosts (matching ``selector``), each checked to hold a certificate
-        naming it (a host that fails is dropped with a warning), sorted by name."""
+        naming it (a host that fails is dropped with a warning), sorted by name. Without
+        ``verify``, unchecked (placement checks only the host it chose)."""
         records = [
             r for r in await self.records() if selector is None or selector.matches(r.labels)
         ]
-        checks = await asyncio.gather(*(self._verify(r) for r in records))
+
+        async def unchecked(_: HostRecord) -> str | None:
+            return ""
+
+        check = self._verify if verify else unchecked
+        checks = await asyncio.gather(*(check(r) for r in records))
         ages: list[float | None] = [None] * len(records)
         if heartbeats:
             ages = list(await asyncio.gather(*(self._age(r) for r in records)))
@@ -214,7 +220,7 @@ class Fleet:
         live slots of the best are read, and of the next ones while their stated load is
         below the best live load found, so a stale record costs a read, not a wrong choice."""
         token = uuid.uuid4().hex
-        hosts = [h for h in await self.hosts(selector) if not h.problem]
+        hosts = await self.hosts(selector, verify=False)
         if not hosts:
             raise ResourceExhausted(
                 f"no registered host answers and matches {selector_text(selector)}"
@@ -238,10 +244,13 @@ class Fleet:
                     best = (load, h.name, h, free)
             if best is None:
                 raise ResourceExhausted(
-                    f"every host matching {selector_text(selector)} is full "
+                    f"every host matching {selector_text(selector)} is full or does not answer "
                     f"({', '.join(f'{h.name} {h.record.capacity}' for h in hosts)} slots)"
                 )
             host, index = best[2], random.choice(best[3])
+            if await self._verify(host.record) != "":  # a mismatch (warned) or no answer
+                full.add(host.name)
+                continue
             value = Slot(layout.PENDING, token=token).to_json()
             key = layout.slot_key(host.name, index)
             if await self.store.create(

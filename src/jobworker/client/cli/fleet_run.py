@@ -54,6 +54,11 @@ def _start_with_on() -> None:
     original = command.callback
     assert original is not None
     command.params.insert(0, click.Option(["--on"], metavar="SELECTOR", help=ON_HELP))
+    command.help = (command.help or "") + (
+        "\n\nWith --on SELECTOR (and --fleet): on the least-loaded matching host, a slot "
+        "reserved in etcd first; prints the fleet id HOST/ID, which status, logs, wait, stop "
+        "and rm take."
+    )
 
     def callback(on: str | None, **kw: Any) -> Any:
         if on is None:
@@ -227,6 +232,11 @@ def _run_with_on() -> None:
         click.Option(
             ["--no-prefix"], is_flag=True, help="With --on: raw output, no 'HOST: ' on lines."
         ),
+    )
+    command.help = (command.help or "") + (
+        "\n\nWith --on all|SELECTOR (and --fleet): on every matching host at once, each output "
+        "line led by 'HOST: ', then a summary of each host's exit code on stderr; exits with "
+        "the largest of them (71 for a host lost on the way). Ctrl+C stops every job."
     )
 
     def callback(on: str | None, no_prefix: bool, **kw: Any) -> Any:
