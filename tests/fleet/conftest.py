@@ -170,7 +170,13 @@ class Fleet:
         self.hosts: dict[str, Host] = {}
 
     async def start(
-        self, name: str, labels: str, *extra: str, cert_of: str | None = None, wait: bool = True
+        self,
+        name: str,
+        labels: str,
+        *extra: str,
+        cert_of: str | None = None,
+        wait: bool = True,
+        etcd_url: str | None = None,
     ) -> Host:
         cgroup = f"jobworker-fleet-{uuid.uuid4().hex[:10]}"
         state = self.base / f"state-{name}-{uuid.uuid4().hex[:6]}"
@@ -181,7 +187,7 @@ class Fleet:
                 "--pki", str(self.pki / "hosts" / (cert_of or name)),
                 "--listen", "127.0.0.1:0", "--state-dir", str(state), "--cgroup-name", cgroup,
                 "--stop-grace", "1", "--job-user", "root",
-                "--fleet", self.etcd.url, "--name", name, "--advertise", "127.0.0.1:0",
+                "--fleet", etcd_url or self.etcd.url, "--name", name, "--advertise", "127.0.0.1:0",
                 "--label", labels, "--fleet-ttl", str(TTL), *extra,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
             )  # fmt: skip
@@ -241,6 +247,67 @@ async def three(fleet: Fleet) -> dict[str, Host]:
     return {h.name: h for h in started}
 
 
+class Proxy:
+    """A TCP relay to etcd on a port of its own: :meth:`cut` drops every connection through it
+    and refuses new ones (a partition between one host and etcd), :meth:`heal` lets them in."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.cut_off = False
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.cut_off:
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self.writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        for task in (pipe(reader, up_writer), pipe(up_reader, writer)):
+            t = asyncio.get_running_loop().create_task(task)
+            self.tasks.add(t)
+            t.add_done_callback(self.tasks.discard)
+
+    def cut(self) -> None:
+        self.cut_off = True
+        for w in self.writers:
+            w.close()
+        self.writers.clear()
+
+    def heal(self) -> None:
+        self.cut_off = False
+
+    async def close(self) -> None:
+        self.cut()
+        for t in list(self.tasks):
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
 @dataclass
 class Result:
     code: int
@@ -285,4 +352,6 @@ async def store_of(etcd: Etcd) -> AsyncIterator[Store]:
         yield store
 
 
-__all__: Sequence[str] = ["HOSTS", "TTL", "Etcd", "Fleet", "Host", "Result", "store_of", "worker"]
+__all__: Sequence[str] = [
+    "HOSTS", "TTL", "Etcd", "Fleet", "Host", "Proxy", "Result", "store_of", "worker",
+]  # fmt: skip

@@ -23,7 +23,7 @@ from jobworker.api.fleet import Endpoints, HostRecord, Selector
 from jobworker.client.fleet import Fleet as FleetClient
 from jobworker.errors import ResourceExhausted
 from tests.conftest import JOB_PYTHON
-from tests.fleet.conftest import HOSTS, TTL, Fleet, Host, store_of, worker, worker_argv
+from tests.fleet.conftest import HOSTS, TTL, Fleet, Host, Proxy, store_of, worker, worker_argv
 
 
 def client_of(fleet: Fleet, user: str = "alice") -> FleetClient:
@@ -284,6 +284,38 @@ async def test_etcd_down_and_back(fleet: Fleet, three: dict[str, Host], tmp_path
     assert json.loads(status.out)["state"] == "running"
     gate.touch()
     assert (await worker(fleet, "wait", fid)).code == 0
+
+
+async def test_partition_between_a_host_and_etcd(fleet: Fleet, tmp_path: Path) -> None:
+    """host-b reaches etcd through a relay that is cut: it keeps its job and serves it, leaves
+    the fleet when its lease expires, and registers again (its job with a slot) once healed."""
+    proxy = Proxy(fleet.etcd.client_port)
+    await proxy.start()
+    try:
+        await fleet.start("host-a", "zone=a")
+        b = await fleet.start("host-b", "zone=b", etcd_url=proxy.url)
+        gate, argv = gated(tmp_path)
+        fid = (await worker(fleet, "start", "--on", "zone=b", "--", *argv)).out.strip()
+        assert fid.startswith("host-b/")
+        proxy.cut()
+        await poll(lambda: _gone(fleet, "host-b"), TTL + 2, "host-b's lease to expire")
+        assert await slots_of(fleet) == {}
+        hosts = json.loads((await worker(fleet, "hosts", "--json")).out)
+        assert [h["name"] for h in hosts] == ["host-a"]
+        direct = await worker(fleet, "--addr", b.address, "status", "--json", fid.split("/")[1])
+        assert json.loads(direct.out)["state"] == "running", direct.err
+        proxy.heal()
+        await poll(lambda: _registered_again(fleet, "host-b"), 30, "host-b to register again")
+        await poll(lambda: _slotted(fleet, "host-b"), 10, "host-b's job to get its slot back")
+        gate.touch()
+        waited = await worker(fleet, "wait", fid)
+        assert waited.code == 0, waited.err
+    finally:
+        await proxy.close()
+
+
+async def _registered_again(fleet: Fleet, name: str) -> bool:
+    return name in await registered(fleet)
 
 
 async def _all_back(fleet: Fleet) -> bool:
