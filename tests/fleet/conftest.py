@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from jobworker import JobManager
-from jobworker.api.etcd import EtcdUnavailable, Store
+from jobworker.api.etcd import EtcdTls, EtcdUnavailable, Store
 from jobworker.api.fleet import Endpoints
 from jobworker.client.pki import init_pki, issue_server, load_ca, write_pair
 from tests.conftest import TIER_PROBES, cgroup2_usable, wait_for
@@ -63,10 +63,14 @@ class Etcd:
     """One etcd member on loopback; :meth:`stop` and :meth:`start` again (``wipe`` starts it
     on an empty data directory: everything registered is gone)."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, tls: tuple[Path, Path, Path] | None = None) -> None:
+        """``tls``: (ca, cert, key): serve clients over TLS and ask them for a certificate from
+        that CA (``--client-cert-auth``)."""
         self.base = base
+        self.tls = tls
         self.client_port, self.peer_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.client_port}"
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.client_port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = base / "etcd.log"
 
@@ -87,10 +91,11 @@ class Etcd:
                     "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
                     "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                     "--initial-cluster", f"test={peer}",
+                    *self.tls_flags(),
                 ],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             )  # fmt: skip
-        async with Store(Endpoints.parse(self.url), timeout=1.0) as store:
+        async with Store(Endpoints.parse(self.url), self.client_tls(), timeout=1.0) as store:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 30
             while True:
@@ -102,6 +107,25 @@ class Etcd:
                     if loop.time() > deadline:
                         pytest.fail("etcd did not answer within 30 s")
                     await asyncio.sleep(0.05)
+
+    def tls_flags(self) -> list[str]:
+        if self.tls is None:
+            return []
+        ca, cert, key = self.tls
+        return [
+            "--trusted-ca-file", str(ca), "--cert-file", str(cert), "--key-file", str(key),
+            "--client-cert-auth",
+        ]  # fmt: skip
+
+    def client_tls(self) -> EtcdTls | None:
+        """What a client gives etcd: the CA, and alice's client certificate (any from the CA
+        will do)."""
+        if self.tls is None:
+            return None
+        ca, cert, _ = self.tls
+        return EtcdTls(
+            ca, cert.parent.parent.parent / "alice.pem", cert.parent.parent.parent / "alice-key.pem"
+        )
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -128,6 +152,23 @@ async def etcd(tmp_path: Path) -> AsyncIterator[Etcd]:
         shutil.rmtree(server.base, ignore_errors=True)
 
 
+@pytest.fixture
+async def tls_etcd(tmp_path: Path, fleet_pki: Path) -> AsyncIterator[Etcd]:
+    """An etcd with client TLS and --client-cert-auth, certificate from the fleet's CA (its
+    hosts/etcd/ directory)."""
+    if reason := why_not_fleet():
+        pytest.skip(reason)
+    d = fleet_pki / "hosts" / "etcd"
+    server = Etcd(tmp_path / "etcd-tls", (d / "ca.pem", d / "server.pem", d / "server-key.pem"))
+    server.base.mkdir()
+    try:
+        await server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.base, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def fleet_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA, users, and for each test host ``hosts/NAME/`` with ca.pem and a server
@@ -135,7 +176,7 @@ def fleet_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("fleet-pki")
     init_pki(directory, USERS)
     ca_cert, ca_key = load_ca(directory)
-    for name in HOSTS:
+    for name in [*HOSTS, "etcd"]:
         out = directory / "hosts" / name
         out.mkdir(parents=True)
         write_pair(out, "server", *issue_server(ca_cert, ca_key, [name]))

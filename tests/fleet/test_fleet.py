@@ -23,7 +23,17 @@ from jobworker.api.fleet import Endpoints, HostRecord, Selector
 from jobworker.client.fleet import Fleet as FleetClient
 from jobworker.errors import ResourceExhausted
 from tests.conftest import JOB_PYTHON
-from tests.fleet.conftest import HOSTS, TTL, Fleet, Host, Proxy, store_of, worker, worker_argv
+from tests.fleet.conftest import (
+    HOSTS,
+    TTL,
+    Etcd,
+    Fleet,
+    Host,
+    Proxy,
+    store_of,
+    worker,
+    worker_argv,
+)
 
 
 def client_of(fleet: Fleet, user: str = "alice") -> FleetClient:
@@ -391,3 +401,24 @@ async def test_ctrl_c_stops_every_job(fleet: Fleet, three: dict[str, Host], tmp_
     listing = json.loads((await worker(fleet, "list", "--json")).out)
     assert sorted(j["host"] for j in listing) == sorted(HOSTS)
     assert {j["state"] for j in listing} == {"stopped"}
+
+
+async def test_etcd_over_mutual_tls(tmp_path: Path, fleet_pki: Path, tls_etcd: Etcd) -> None:
+    """https:// endpoints with etcd's own mTLS, on both sides; without a client certificate etcd
+    refuses, and the command says etcd is unavailable."""
+    tls_fleet = Fleet(tmp_path, fleet_pki, tls_etcd)
+    client_tls = tls_etcd.client_tls()
+    assert client_tls is not None and client_tls.cert and client_tls.key and client_tls.ca
+    flags = ["--etcd-ca", str(client_tls.ca), "--etcd-cert", str(client_tls.cert)]
+    flags += ["--etcd-key", str(client_tls.key)]
+    try:
+        await tls_fleet.start("host-a", "zone=a", *flags)
+        hosts = await worker(tls_fleet, *flags, "hosts", "--json")
+        assert hosts.code == 0, hosts.err
+        assert [h["name"] for h in json.loads(hosts.out)] == ["host-a"]
+        placed = await worker(tls_fleet, *flags, "start", "--on", "any", "--", "true")
+        assert placed.out.startswith("host-a/"), placed.err
+        refused = await worker(tls_fleet, "--etcd-ca", str(client_tls.ca), "hosts")
+        assert refused.code == 69 and "etcd" in refused.err
+    finally:
+        await tls_fleet.close()
