@@ -379,6 +379,20 @@ def test_selectors_and_endpoints() -> None:
     assert layout.split_fleet_id("123") is None
     with pytest.raises(Exception, match="fleet job id"):
         layout.split_fleet_id("Host_A/1")
+    # A record is printed by clients: what it may hold is checked (anyone who can write to
+    # etcd can write one).
+    good = HostRecord("host-a", "10.0.0.7:50051", {"zone": "a"}, capacity=4)
+    assert HostRecord.from_json(good.to_json()) == good
+    for evil in (
+        {"advertise": "\x1b[2J:1"},
+        {"labels": {"zone": "\x1b]0;pwned\x07"}},
+        {"labels": {"bad key": "x"}},
+        {"name": "Host_A"},
+        {"capacity": 0},
+    ):
+        d = {**json.loads(good.to_json()), **evil}
+        with pytest.raises(Exception, match="not a host record"):
+            HostRecord.from_json(json.dumps(d).encode())
 
 
 async def test_ctrl_c_stops_every_job(fleet: Fleet, three: dict[str, Host], tmp_path: Path) -> None:
@@ -422,3 +436,29 @@ async def test_etcd_over_mutual_tls(tmp_path: Path, fleet_pki: Path, tls_etcd: E
         assert refused.code == 69 and "etcd" in refused.err
     finally:
         await tls_fleet.close()
+
+
+async def test_forged_slots_cannot_keep_a_host_full(fleet: Fleet) -> None:
+    """Anyone who can write to etcd can fill a host's slots with forged reservations (dated in
+    the future, too) and slots of jobs that do not exist. The host takes them back: a job slot
+    for no running job at its next reconcile, a pending one after the grace it measures itself."""
+    grace = 3
+    await fleet.start("host-a", "zone=a", "--capacity", "2", "--fleet-grace", str(grace))
+    async with store_of(fleet.etcd) as store:
+        kv = await store.get(layout.host_key("host-a"))
+        assert kv is not None
+        lease = HostRecord.from_json(kv.value).lease
+        future = time.time() + 3600
+        await store.put(
+            layout.slot_key("host-a", 0),
+            layout.Slot("pending", token="x", at=future).to_json(),
+            lease,
+        )
+        await store.put(
+            layout.slot_key("host-a", 1), layout.Slot("job", job="no-such-job").to_json(), lease
+        )
+    full = await worker(fleet, "start", "--on", "any", "--", "true")
+    assert full.code == 75 and "full" in full.err
+    await poll(lambda: _empty(fleet), grace * 1.25 + TTL + 2, "the forged slots to be taken back")
+    placed = await worker(fleet, "start", "--on", "any", "--", "true")
+    assert placed.code == 0, placed.err

@@ -37,6 +37,10 @@ DEFAULT_ETCD_PORT = 2379
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,62}[a-z0-9])?$")
 """A host name: a DNS name (lowercase), which its server certificate must carry as a SAN."""
 LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,62})$")
+LABEL_VALUE_RE = re.compile(r"^[A-Za-z0-9_.:/@+-]{0,128}$")
+ADVERTISE_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$")
+"""HOST:PORT, [V6]:PORT: what a record may name (anyone who can write to etcd can write one,
+and a client prints it)."""
 
 
 def check_name(name: str) -> str:
@@ -145,10 +149,17 @@ class HostRecord:
         """Raises :class:`InvalidArgument` for a record that is not one."""
         try:
             d: dict[str, Any] = json.loads(data)
+            labels = {str(k): str(v) for k, v in dict(d.get("labels", {})).items()}
+            bad = [k for k, v in labels.items() if not LABEL_KEY_RE.match(k)]
+            bad += [v for v in labels.values() if not LABEL_VALUE_RE.match(v)]
+            if bad or not ADVERTISE_RE.match(str(d["advertise"])):
+                raise ValueError("a label or the address has characters it may not have")
+            if not str(d.get("version", "")).isprintable() or int(d["capacity"]) < 1:
+                raise ValueError("bad version or capacity")
             return cls(
                 name=check_name(str(d["name"])),
                 advertise=str(d["advertise"]),
-                labels={str(k): str(v) for k, v in dict(d.get("labels", {})).items()},
+                labels=labels,
                 capacity=int(d["capacity"]),
                 running=int(d.get("running", 0)),
                 used=int(d.get("used", 0)),
@@ -199,8 +210,10 @@ def parse_labels(items: tuple[str, ...] | list[str]) -> dict[str, str]:
             if not part:
                 continue
             key, _, value = part.partition("=")
-            if not LABEL_KEY_RE.match(key) or "," in value:
-                raise InvalidArgument(f"--label: {part!r} is not KEY=VALUE (KEY: A-Z a-z 0-9 _.-)")
+            if not LABEL_KEY_RE.match(key) or not LABEL_VALUE_RE.match(value):
+                raise InvalidArgument(
+                    f"--label: {part!r} is not KEY=VALUE (KEY: A-Z a-z 0-9 _.-; VALUE also :/@+)"
+                )
             labels[key] = value
     return labels
 

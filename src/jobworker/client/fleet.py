@@ -143,10 +143,10 @@ class Fleet:
             try:
                 record = layout.HostRecord.from_json(kv.value)
             except JobworkerError as e:
-                self.warn(f"ignoring {kv.key}: {e}")
+                self.warn(f"ignoring {kv.key!r}: {e}")
                 continue
             if kv.key != layout.host_key(record.name):
-                self.warn(f"ignoring {kv.key}: it is the record of {record.name!r}")
+                self.warn(f"ignoring {kv.key!r}: it is the record of {record.name!r}")
                 continue
             records.append(record)
         return records

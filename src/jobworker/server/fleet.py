@@ -16,7 +16,6 @@ from jobworker.server import tls13  # noqa: F401 - imported for that effect
 # isort: on
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import time
@@ -103,6 +102,7 @@ class Registrar:
         self._closing = asyncio.Event()
         self._published: bytes = b""
         self._used = 0
+        self._seen: dict[tuple[str, int], float] = {}
         self._reconciled: tuple[frozenset[str], float] = (frozenset(), 0.0)
         self._registered_at = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -226,6 +226,12 @@ class Registrar:
         slotted: set[str] = set()
         stale: list[tuple[str, int]] = []
         used: set[int] = set()
+        # A pending slot's age is how long this host has seen it unchanged, not the time the
+        # client wrote in it (a client could write any).
+        seen = {
+            (kv.key, kv.mod_revision): self._seen.get((kv.key, kv.mod_revision), now) for kv in kvs
+        }
+        self._seen = seen
         for kv in kvs:
             index = layout.slot_index(kv.key)
             slot = Slot.from_json(kv.value)
@@ -237,7 +243,10 @@ class Registrar:
                 slotted.add(slot.job)
                 if kv.lease != self.lease:  # handed over on an older lease of ours
                     await self.store.replace(kv.key, kv.mod_revision, kv.value, self.lease)
-            elif slot.state == layout.PENDING and now - slot.at < grace:
+            elif (
+                slot.state == layout.PENDING
+                and now - seen.get((kv.key, kv.mod_revision), now) < grace
+            ):
                 continue
             else:
                 stale.append((kv.key, kv.mod_revision))
@@ -270,11 +279,9 @@ def new_token() -> str:
 
 
 def parse_advertise(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise InvalidArgument(f"--advertise: {text!r} is not HOST:PORT")
-    with contextlib.suppress(ValueError):
-        ipaddress.ip_address(host.strip("[]"))
+    port = text.rpartition(":")[2]
+    if not layout.ADVERTISE_RE.match(text) or int(port) > 65535:
+        raise InvalidArgument(f"--advertise: {text!r} is not HOST:PORT (or [V6]:PORT)")
     return text
 
 
@@ -329,6 +336,16 @@ def fleet_options(f: F) -> F:
             help="A host that stops renewing its registration leaves the fleet after this.",
         ),
         click.option(
+            "--fleet-grace",
+            "grace",
+            type=click.FloatRange(min=1, max=3600),
+            default=PENDING_GRACE,
+            envvar=env + "FLEET_GRACE",
+            metavar="SECONDS",
+            help="How long a client's slot reservation may wait for its Start before this "
+            "host takes it back (and a job started here without one gets a slot).",
+        ),
+        click.option(
             "--etcd-ca",
             type=click.Path(dir_okay=False, path_type=Path),
             envvar=env + "ETCD_CA",
@@ -359,6 +376,7 @@ def fleet_config(
     labels: tuple[str, ...],
     capacity: int | None,
     ttl: int,
+    grace: float,
     etcd_ca: Path | None,
     etcd_cert: Path | None,
     etcd_key: Path | None,
@@ -381,4 +399,5 @@ def fleet_config(
         capacity=capacity or 0,
         ttl=ttl,
         etcd_tls=tls,
+        pending_grace=grace,
     )
