@@ -462,3 +462,19 @@ async def test_forged_slots_cannot_keep_a_host_full(fleet: Fleet) -> None:
     await poll(lambda: _empty(fleet), grace * 1.25 + TTL + 2, "the forged slots to be taken back")
     placed = await worker(fleet, "start", "--on", "any", "--", "true")
     assert placed.code == 0, placed.err
+
+
+async def test_list_names_the_hosts_that_do_not_answer(fleet: Fleet) -> None:
+    """A registered host that does not answer (stopped, not dead: its lease lives on) is named
+    on stderr; the others' jobs are listed and the command succeeds."""
+    await fleet.start("host-a", "zone=a")
+    b = await fleet.start("host-b", "zone=b", "--fleet-ttl", "60")
+    assert (await worker(fleet, "start", "--on", "zone=a", "--", "true")).code == 0
+    b.proc.send_signal(signal.SIGSTOP)
+    try:
+        listing = await worker(fleet, "--timeout", "2", "list")
+    finally:
+        b.proc.send_signal(signal.SIGCONT)
+    assert listing.code == 0, listing.err
+    assert [line.split()[0] for line in listing.out.splitlines()[1:]] == ["host-a"]
+    assert "host host-b did not answer" in listing.err
