@@ -478,3 +478,14 @@ async def test_list_names_the_hosts_that_do_not_answer(fleet: Fleet) -> None:
     assert listing.code == 0, listing.err
     assert [line.split()[0] for line in listing.out.splitlines()[1:]] == ["host-a"]
     assert "host host-b did not answer" in listing.err
+
+
+async def test_jobs_cannot_read_the_ca_key_above_a_host_directory(fleet: Fleet) -> None:
+    """A host run from PKI/hosts/NAME (``certs host``) hides PKI/ca-key.pem from its jobs, as a
+    daemon run from PKI hides the one beside its key."""
+    await fleet.start("host-a", "zone=a")
+    ca_key = fleet.pki / "ca-key.pem"
+    assert b"PRIVATE KEY" in ca_key.read_bytes()
+    result = await worker(fleet, "run", "--on", "all", "--", "cat", str(ca_key))
+    assert "PRIVATE KEY" not in result.out
+    assert result.code != 0, result.out

@@ -58,10 +58,10 @@ def _secrets(config: Config) -> list[Path]:
     """What sandboxed jobs must not see besides the state dir (the manager hides that): the
     daemon's key and certificate, a ``certs init`` directory's CA key, the policy file."""
     paths = [config.tls.key, config.tls.cert]
-    # A CA key next to the server key, or one level up (a `certs host` directory of a PKI).
+    # A CA key next to the server key, or in the PKI of a `certs host` directory (PKI/hosts/NAME).
     for ca_key in (
         config.tls.key.parent / "ca-key.pem",
-        config.tls.key.parent.parent / "ca-key.pem",
+        config.tls.key.parent.parent.parent / "ca-key.pem",
     ):
         if ca_key.exists():
             paths.append(ca_key)
