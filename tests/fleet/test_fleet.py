@@ -489,3 +489,14 @@ async def test_jobs_cannot_read_the_ca_key_above_a_host_directory(fleet: Fleet) 
     result = await worker(fleet, "run", "--on", "all", "--", "cat", str(ca_key))
     assert "PRIVATE KEY" not in result.out
     assert result.code != 0, result.out
+
+
+async def test_a_short_job_gives_its_slot_back_at_the_next_tick(fleet: Fleet) -> None:
+    """A job that starts and ends between two ticks of its host still frees its slot at the
+    next one (within TTL/3 s; the bound here is below the host's 15 s periodic reconcile)."""
+    await fleet.start("host-a", "zone=a", "--capacity", "1")
+    for _ in range(3):
+        placed = await worker(fleet, "start", "--on", "any", "--", "true")
+        assert placed.code == 0, placed.err
+        assert (await worker(fleet, "wait", placed.out.strip())).code == 0
+        await poll(lambda: _empty(fleet), TTL + 2, "the ended job's slot to be released")

@@ -103,7 +103,7 @@ class Registrar:
         self._published: bytes = b""
         self._used = 0
         self._seen: dict[tuple[str, int], float] = {}
-        self._reconciled: tuple[frozenset[str], float] = (frozenset(), 0.0)
+        self._reconciled: tuple[tuple[frozenset[str], int], float] = ((frozenset(), 0), 0.0)
         self._registered_at = 0.0
         self._task: asyncio.Task[None] | None = None
         self._clock: Callable[[], float] = time.time
@@ -212,16 +212,19 @@ class Registrar:
     async def _reconcile(self, *, fresh: bool = False) -> None:
         """Make the slots tell the truth: a slot per running job (a job started with --addr, or
         whose client died before handing its slot over, takes a free one after the grace), no
-        slot for an ended job, no pending reservation older than the grace."""
+        slot for an ended job, no pending reservation older than the grace. ``fresh``: just
+        registered on a new lease, so no slot of ours survived: every running job takes one."""
         now = self._clock()
         grace = self.config.pending_grace
-        jobs = {s.id: s for s in self.manager.list() if s.state is JobState.RUNNING}
-        # Read the slots only when the running jobs changed, or a grace has passed (pending
-        # reservations to reclaim): a tick of an idle host costs etcd no read.
-        running, last = frozenset(jobs), self._reconciled
-        if not fresh and running == last[0] and now - last[1] < grace / 4:
+        everything = self.manager.list()
+        jobs = {s.id: s for s in everything if s.state is JobState.RUNNING}
+        # Read the slots only when the jobs changed (one that started and ended between two
+        # ticks changes the count), or a quarter grace has passed (pending reservations to
+        # reclaim): a tick of an idle host costs etcd no read.
+        signature, last = (frozenset(jobs), len(everything)), self._reconciled
+        if not fresh and signature == last[0] and now - last[1] < grace / 4:
             return
-        self._reconciled = (running, now)
+        self._reconciled = (signature, now)
         kvs, _ = await self.store.get_prefix(layout.slots_prefix(self.config.name))
         slotted: set[str] = set()
         stale: list[tuple[str, int]] = []
