@@ -65,7 +65,7 @@ def wait(what: str, check: Callable[[], bool], log: Path) -> None:
 
 
 def spawn(argv: list[str], log: Path, pidfile: Path) -> None:
-    with log.open("ab") as out:
+    with log.open("wb") as out:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
         )
@@ -155,12 +155,21 @@ def start() -> None:
 
 
 def stop() -> None:
-    for name in [*HOSTS, "etcd"]:
-        pidfile = DEV / f"{name}.pid"
-        if alive(pidfile):
-            os.kill(int(pidfile.read_text()), signal.SIGTERM)
-            say(f"stopped {name}")
-        pidfile.unlink(missing_ok=True)
+    """The hosts first (each deregisters, stops its jobs and removes its cgroups), then etcd."""
+    for names in (list(HOSTS), ["etcd"]):
+        pids = {}
+        for name in names:
+            pidfile = DEV / f"{name}.pid"
+            if alive(pidfile):
+                pids[name] = int(pidfile.read_text())
+                os.kill(pids[name], signal.SIGTERM)
+        deadline = time.monotonic() + TIMEOUT
+        for name, pid in pids.items():
+            while alive(DEV / f"{name}.pid") and time.monotonic() < deadline:
+                time.sleep(0.1)
+            say(f"stopped {name}" if not alive(DEV / f"{name}.pid") else f"{name} ({pid}) goes on")
+        for name in names:
+            (DEV / f"{name}.pid").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
