@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST := $(PY) -m pytest
 
-.PHONY: venv run test test-unit test-integration test-kernel stress lint coverage example concurrent bench proto proto-check clean
+.PHONY: venv run run-fleet stop-fleet test test-unit test-integration test-kernel stress lint coverage example concurrent bench proto proto-check clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -18,6 +18,13 @@ $(STAMP): pyproject.toml
 ## The two README commands
 run: venv
 	$(PY) scripts/demo.py
+
+## A fleet on one machine: etcd (Debian's etcd-server) and three workerd hosts (docs/fleet.md)
+run-fleet: venv
+	$(PY) scripts/fleet_demo.py
+
+stop-fleet: venv
+	$(PY) scripts/fleet_demo.py stop
 
 test: venv
 	$(PYTEST) -q

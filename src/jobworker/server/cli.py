@@ -28,6 +28,7 @@ from jobworker.server.daemon_config import (
     DEFAULT_STATE_DIR,
     Config,
 )
+from jobworker.server.fleet import fleet_config, fleet_options
 from jobworker.spec import Network
 from jobworker.tls import Paths
 from jobworker.units import parse_duration, parse_size
@@ -286,6 +287,7 @@ def _env(name: str) -> str:
     default="info",
     envvar=_env("LOG_LEVEL"),
 )
+@fleet_options
 def main(
     listen: str,
     pki: Path | None,
@@ -324,6 +326,7 @@ def main(
     print_config: bool,
     log_format: str,
     log_level: str,
+    **fleet: object,
 ) -> None:
     """Serve jobworker over gRPC with mutual TLS 1.3.
 
@@ -374,6 +377,7 @@ def main(
             debug_socket=debug_socket,
             debug_address=debug_addr,
             default_network=Network(default_network),
+            fleet=fleet_config(**fleet),  # type: ignore[arg-type]
         )
         asyncio.run(daemon.run(config))
         # A failed RPC leaves reference cycles (error -> traceback -> frames -> call) holding

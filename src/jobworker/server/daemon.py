@@ -38,6 +38,7 @@ from jobworker.server.authz import Policy, Revocations
 from jobworker.server.cli import main
 from jobworker.server.daemon_config import Config
 from jobworker.server.debug import DebugServer, Metrics
+from jobworker.server.fleet import Registrar, check_identity
 from jobworker.server.policy import effective_limits
 from jobworker.server.quotas import Quotas
 from jobworker.spec import JobState
@@ -57,9 +58,13 @@ def _secrets(config: Config) -> list[Path]:
     """What sandboxed jobs must not see besides the state dir (the manager hides that): the
     daemon's key and certificate, a ``certs init`` directory's CA key, the policy file."""
     paths = [config.tls.key, config.tls.cert]
-    ca_key = config.tls.key.parent / "ca-key.pem"
-    if ca_key.exists():
-        paths.append(ca_key)
+    # A CA key next to the server key, or in the PKI of a `certs host` directory (PKI/hosts/NAME).
+    for ca_key in (
+        config.tls.key.parent / "ca-key.pem",
+        config.tls.key.parent.parent.parent / "ca-key.pem",
+    ):
+        if ca_key.exists():
+            paths.append(ca_key)
     if config.policy_file is not None:
         paths.append(config.policy_file)
     return paths
@@ -122,6 +127,8 @@ class Daemon:
         self._server = server
         self._debug = debug
         self._closed: asyncio.Future[None] | None = None
+        self.fleet: Registrar | None = None
+        """This host's fleet registration (``--fleet``), else ``None``."""
 
     @property
     def port(self) -> int:
@@ -189,6 +196,8 @@ class Daemon:
         self._closed = asyncio.get_running_loop().create_future()
         try:
             log.info("shutting down")
+            if self.fleet is not None:  # first leave the fleet: no new placements here
+                await self.fleet.close()
             # First health NOT_SERVING (load balancers and probes see it while the jobs stop)
             # and new JobWorker calls refused (UNAVAILABLE); in-flight calls go on: the jobs
             # end, so follow streams and waits finish on their own, then the server stops,
@@ -215,6 +224,8 @@ async def serve(config: Config) -> Daemon:
     the host refuses (cgroups, state dir, the listen address). Nothing is left running on error.
     """
     material = load_server(config.tls)
+    if config.fleet is not None:
+        check_identity(config.fleet, material.cert)
     revocations = _revocations(config, material)
     policy = Policy.load(config.policy_file) if config.policy_file else None
     defaults = resolve_limits(config.default_limits)
@@ -308,6 +319,9 @@ async def serve(config: Config) -> Daemon:
         manager, server, debug, metrics, config.stop_grace, config=config, servicer=servicer
     )
     log.info("listening on %s (port %d)", config.listen, server.port)
+    if config.fleet is not None:
+        daemon.fleet = Registrar(config.fleet, manager, server.port)
+        daemon.fleet.start()
     return daemon
 
 

@@ -13,6 +13,7 @@ from jobworker.limits import Limits
 from jobworker.manager import DEFAULT_STOP_GRACE
 from jobworker.retention import DEFAULT_SWEEP_INTERVAL
 from jobworker.server.accounts import DEFAULT_UID_RANGE, UidRange
+from jobworker.server.fleet import FleetConfig
 from jobworker.spec import Network
 from jobworker.tls import Paths
 from jobworker.units import parse_duration, parse_size
@@ -85,3 +86,5 @@ class Config:
     """The network of a sandboxed job that does not ask for one."""
     host_network_roles: frozenset[Role] = frozenset(Role)
     """Roles whose jobs may use the host's network."""
+    fleet: FleetConfig | None = None
+    """Register in a fleet's etcd (``--fleet``; docs/fleet.md); ``None``: a lone host."""

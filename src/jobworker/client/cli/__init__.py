@@ -12,13 +12,16 @@ must tell the two apart read ``worker status --json``.
 One module per job: :mod:`.settings` (options, PKI lookup), :mod:`.session` (the reconnecting
 connection), :mod:`.render` (text and JSON), :mod:`.group` (failures to exit codes),
 :mod:`.exits` (the codes), :mod:`.app` (the root command), :mod:`.jobs`, :mod:`.certs` and
-:mod:`.completion` (the commands).
+:mod:`.completion` (the commands); :mod:`.fleet` and :mod:`.fleet_run` add the fleet
+(docs/fleet.md) to them.
 """
 
 from __future__ import annotations
 
 from typing import NoReturn
 
+from jobworker.client.cli import fleet as _fleet  # noqa: F401 - fleet commands, HOST/ID routing
+from jobworker.client.cli import fleet_run as _fleet_run  # noqa: F401 - start/run --on
 from jobworker.client.cli import jobs as _jobs  # noqa: F401 - registers the job commands
 from jobworker.client.cli.app import cli
 from jobworker.client.cli.certs import certs

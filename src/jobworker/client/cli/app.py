@@ -88,6 +88,32 @@ from jobworker.client.cli.settings import (
     is_flag=True,
     help="Only before `logs`: `worker -f logs ID` is `worker logs -f ID`.",
 )
+@click.option(
+    "--fleet",
+    envvar="WORKER_FLEET",
+    show_envvar=True,
+    metavar="URL",
+    help="etcd of a fleet of workerd hosts (http://10.0.0.5:2379,...): for hosts, list, "
+    "start/run --on, and HOST/ID job ids (docs/fleet.md).",
+)
+@click.option(
+    "--etcd-ca",
+    envvar="WORKER_ETCD_CA",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="CA of etcd's certificate (https:// --fleet).",
+)
+@click.option(
+    "--etcd-cert",
+    envvar="WORKER_ETCD_CERT",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Client certificate for etcd.",
+)
+@click.option(
+    "--etcd-key",
+    envvar="WORKER_ETCD_KEY",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Key of --etcd-cert.",
+)
 @click.version_option(package_name="jobworker", prog_name=PROG)
 @click.pass_context
 def cli(
@@ -101,6 +127,10 @@ def cli(
     timeout: float,
     reconnect: float,
     follow: bool,
+    fleet: str | None,
+    etcd_ca: Path | None,
+    etcd_cert: Path | None,
+    etcd_key: Path | None,
 ) -> None:
     """Run commands on a workerd, each in its own cgroup, and stream their output.
 
@@ -124,6 +154,10 @@ def cli(
         timeout=timeout,
         reconnect=reconnect,
         follow=follow,
+        fleet=fleet,
+        etcd_ca=etcd_ca,
+        etcd_cert=etcd_cert,
+        etcd_key=etcd_key,
     )
     if follow and ctx.invoked_subcommand != "logs":
         raise click.UsageError("-f/--follow before the command applies to `logs` only")

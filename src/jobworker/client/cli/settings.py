@@ -42,6 +42,14 @@ class Settings:
     reconnect: float = DEFAULT_RECONNECT
     follow: bool = False
     """The original's ``worker -f logs ID``: ``-f`` given before the command."""
+    fleet: str | None = None
+    """etcd's client URLs (``--fleet``): fleet commands and ``HOST/ID`` job ids use them."""
+    etcd_ca: Path | None = None
+    etcd_cert: Path | None = None
+    etcd_key: Path | None = None
+    server_name: str | None = None
+    """The name the daemon's certificate must carry (default: the host of ``addr``); set when
+    a fleet id routes a command to its host."""
 
     def pki_dir(self) -> Path:
         if self.pki is not None:
@@ -95,7 +103,15 @@ class Settings:
         try:
             # Only read: parsing them needs cryptography, whose import costs more than a short
             # command's whole work; explain_failure parses them if the daemon turns us away.
-            return Client.from_files(self.addr, ca, cert, key, check=False, timeout=self.timeout)
+            return Client.from_files(
+                self.addr,
+                ca,
+                cert,
+                key,
+                check=False,
+                timeout=self.timeout,
+                server_name=self.server_name,
+            )
         except InvalidArgument as e:
             raise ConfigError(str(e)) from e
 
