@@ -379,9 +379,12 @@ class JobManager:
     async def _supervise(self, job: Job, exit_status: asyncio.Future[int]) -> None:
         """Runs for the life of one job: a task (not a thread) woken by events only."""
         await supervise(job, exit_status, self._tree, self._watcher, self._store, self._deadlines)
-        if self._retention is not None:
-            self._retained(job.status, self._clock())
-            await self._apply_retention()
+        try:
+            if self._retention is not None:
+                self._retained(job.status, self._clock())
+                await self._apply_retention()
+        finally:
+            job.release()
 
     # -- retention -------------------------------------------------------------------------
 

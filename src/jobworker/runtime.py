@@ -23,6 +23,13 @@ log = logging.getLogger(__name__)
 FREEZE_TIMEOUT = 1.0
 """How long to wait for a freeze before signalling anyway (a task in D state delays it)."""
 
+_ENDED = asyncio.Event()
+_ENDED.set()
+"""What every ended job's ``ended`` and ``kill_moved`` become (:meth:`Job.release`): one shared,
+set event. An event holds a deque; thousands of retained jobs each keeping two, scattered among
+the allocations of the jobs after them, fragmented the daemon's heap (RSS grew 7 MiB over
+100 000 churned jobs with 10 000 retained)."""
+
 SendSignal = Callable[[int, int], None]
 """``os.kill``: injectable, so a test can make a process refuse SIGTERM (EPERM)."""
 
@@ -63,6 +70,17 @@ class Job:
         self.ended = asyncio.Event()
         if status.state.ended:
             self.ended.set()
+
+    def release(self) -> None:
+        """Drop what only a running job needs, once it has ended and its supervision is done:
+        its events (their waiters were woken by ``set``), its tasks, its closed stdin. What is
+        left of a retained job is its id, spec, status and the stop reason."""
+        if not self.ended.is_set():  # supervision cut short (the manager is closing)
+            return
+        self.ended = self.kill_moved = _ENDED
+        self.task = self.stopping = None
+        if self.input is not None and self.input.closed:
+            self.input = None
 
     def open_input(self) -> JobInput:
         """The stdin of a job started with ``stdin`` or a ``terminal``; :class:`StdinClosed`

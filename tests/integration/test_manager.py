@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import os
 import random
@@ -17,6 +18,7 @@ import pytest
 
 from jobworker import JobManager, JobSpec, JobState, SpawnError
 from jobworker.errors import HostError, InvalidArgument, JobNotFound, ShuttingDown
+from jobworker.terminal import JobInput
 from tests.conftest import open_fds, wait_for
 
 
@@ -428,3 +430,28 @@ async def test_a_cancelled_start_still_leaves_a_tracked_job(manager: JobManager)
     assert group_names == {s.id for s in manager.list()}
     for st in manager.list():
         assert (await manager.stop(st.id)).state is JobState.STOPPED
+
+
+async def test_an_ended_job_keeps_no_runtime_state(manager: JobManager) -> None:
+    """What outlives a job is its id, spec and status: not its events, tasks or stdin. Each
+    asyncio event holds a deque; with 10 000 retained jobs keeping theirs the daemon's heap
+    fragmented (RSS +7 MiB over 100 000 churned jobs). Also: an ended job still answers
+    wait, stop and status after that."""
+    started = [await manager.start(JobSpec(argv=("true",), owner="alice")) for _ in range(5)]
+    for st in started:
+        await manager.wait(st.id)
+    jobs = [manager._jobs[st.id] for st in started]
+    # The supervision task ends right after the end is recorded; wait for that, not a time.
+    await wait_for(lambda: all(j.task is None for j in jobs))
+    own = {
+        id(o)
+        for j in jobs
+        for o in gc.get_referents(j)
+        if isinstance(o, (asyncio.Event, asyncio.Task, JobInput))
+    }
+    # One shared event may remain (every ended job's), nothing per job.
+    assert len(own) <= 1, f"{len(own)} events/tasks held by 5 ended jobs"
+    for st in started:
+        assert (await manager.wait(st.id)).exit_code == 0
+        assert (await manager.stop(st.id)).exit_code == 0
+        assert manager.status(st.id).state is JobState.EXITED
