@@ -223,28 +223,84 @@ def test_the_service_serves_every_method_of_the_proto() -> None:
     assert {m.name for m in service.methods} == {name for name, _, _ in _METHODS}
 
 
-async def test_the_list_conversion_cache_is_bounded() -> None:
-    """Jobs removed by retention or rm must not stay in the service's List cache for ever."""
-    from datetime import UTC, datetime
-
-    from jobworker.server import service as service_module
-    from jobworker.spec import JobState, JobStatus
-
-    servicer = service_module.JobWorkerService(manager=None)  # type: ignore[arg-type]
-    for i in range(service_module.LISTED_CACHE + 500):
-        status = JobStatus(
-            id=f"job-{i}",
-            state=JobState.EXITED,
-            argv=("true",),
-            owner="alice",
-            pid=1,
-            started_at=datetime.now(UTC),
-        )
-        assert servicer._status_pb(status).id == status.id
-    assert len(servicer._listed) == service_module.LISTED_CACHE
-    assert "job-0" not in servicer._listed and f"job-{service_module.LISTED_CACHE + 499}" in (
-        servicer._listed
+def _listed(i: int, state: JobState = JobState.EXITED, output: int = 0) -> JobStatus:
+    started = datetime(2026, 12, 1, tzinfo=UTC) + timedelta(milliseconds=i)
+    return JobStatus(
+        id=f"job-{i}",
+        state=state,
+        argv=("true", str(i)),
+        owner="alice",
+        pid=1000 + i,
+        started_at=started,
+        ended_at=None if state is JobState.RUNNING else started + timedelta(microseconds=7),
+        exit_code=None if state is JobState.RUNNING else i % 3,
+        output_bytes=output,
     )
+
+
+def test_a_listing_encodes_each_ended_job_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page is its jobs' bytes from their first listing, parsed back as the same statuses:
+    with 10 000 ended jobs listed twice, the second pass converts none (a bounded LRU of
+    conversions misses every time the listing is larger than it)."""
+    from jobworker.server import listing
+
+    conversions = 0
+    real = convert.status_to_pb
+
+    def counted(status: JobStatus) -> pb.JobStatus:
+        nonlocal conversions
+        conversions += 1
+        return real(status)
+
+    monkeypatch.setattr(convert, "status_to_pb", counted)
+    jobs = [_listed(i) for i in range(10_000)]
+    pages = listing.Listing(known=lambda job_id: True)
+    per_pass = []
+    for _ in range(2):
+        conversions = 0
+        for start in range(0, len(jobs), 500):
+            page = jobs[start : start + 500]
+            response = pages.response(page, next_page_token=f"after-{start}")
+            assert [status_from_pb(m) for m in response.jobs] == page
+            assert response.next_page_token == f"after-{start}"
+        per_pass.append(conversions)
+    assert per_pass == [10_000, 0]
+    assert pages.response([]) == pb.ListResponse()
+
+
+def test_a_listing_follows_a_running_job_and_its_end() -> None:
+    from jobworker.server.listing import Listing
+
+    pages = Listing(known=lambda job_id: True)
+    for status in (
+        _listed(1, JobState.RUNNING, output=0),
+        _listed(1, JobState.RUNNING, output=0),
+        _listed(1, JobState.RUNNING, output=4096),
+        _listed(1, JobState.EXITED, output=5000),
+    ):
+        (msg,) = pages.response([status]).jobs
+        assert status_from_pb(msg) == status
+
+
+def test_a_listing_forgets_jobs_that_have_gone() -> None:
+    """Jobs removed by retention or rm must not stay in the listing for ever: the entries of
+    jobs the daemon no longer has are swept once the table has doubled."""
+    from jobworker.server.listing import KEPT_AT_LEAST, Listing
+
+    live: set[str] = set()
+    pages = Listing(known=live.__contains__)
+    n = 0
+    for _ in range(10):  # 10 rounds of churn: list 3000 new jobs, then retention removes them
+        batch = [_listed(n + i) for i in range(3000)]
+        n += len(batch)
+        live.update(s.id for s in batch)
+        pages.response(batch)
+        live.difference_update(s.id for s in batch[:2500])
+        assert len(pages) <= max(KEPT_AT_LEAST, 2 * len(live)) + len(batch)
+    assert len(pages) <= 2 * max(KEPT_AT_LEAST, len(live))
+    still = [_listed(i) for i in range(n) if f"job-{i}" in live]
+    assert all(s.id in pages for s in still)
+    assert [status_from_pb(m) for m in pages.response(still).jobs] == still
 
 
 def test_logs_queries_and_chunks_round_trip() -> None:

@@ -19,7 +19,6 @@ from grpc import aio
 import asyncio
 import base64
 import binascii
-import collections
 import contextlib
 import logging
 import math
@@ -32,7 +31,7 @@ from jobworker.api import convert
 from jobworker.api.errors import ERROR_TRAILER, code_for, name_for
 from jobworker.api.proto import pb, pb_grpc
 from jobworker.cgroup.devices import resolve_limits
-from jobworker.errors import HostError, InvalidArgument, JobworkerError
+from jobworker.errors import HostError, InvalidArgument, JobNotFound, JobworkerError
 from jobworker.manager import JobManager, PageKey
 from jobworker.server import attach, logs
 from jobworker.server.accounts import printable
@@ -54,11 +53,12 @@ from jobworker.server.grpc_server import (
     RunningServer,
     start_server,
 )
+from jobworker.server.listing import Listing
 from jobworker.server.metrics import Metrics
 from jobworker.server.policy import effective_limits
 from jobworker.server.quotas import Quotas
 from jobworker.server.settings import Settings
-from jobworker.spec import JobSpec, JobState, JobStatus
+from jobworker.spec import JobSpec, JobStatus
 
 __all__ = [
     "HEALTH_SERVICE",
@@ -85,9 +85,6 @@ MAX_DETAILS_BYTES = 1024
 """Longest error message sent back. grpc carries it in a header, percent-encoded, and a client
 refuses headers over 16 KiB (RESOURCE_EXHAUSTED instead of the real code): an error that quotes
 a 128 KiB argument must be cut."""
-
-LISTED_CACHE = 4096
-"""How many List conversions the service keeps: a few pages' worth (a page is at most 1000)."""
 
 
 def _check_id(job_id: str) -> str:
@@ -158,12 +155,8 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
         """Verified certificate -> identity and serial: parsing it is a measurable part of a
         short RPC. The serial is checked against the current CRL on every call, hit or miss;
         :meth:`reconfigure` empties the cache (the policy may change roles)."""
-        self._listed: collections.OrderedDict[str, tuple[JobStatus, pb.JobStatus]] = (
-            collections.OrderedDict()
-        )
-        """Last List conversion per job, least recently listed first: an ended job's status
-        never changes again, and a running one's only in the fields List refreshes. At most
-        :data:`LISTED_CACHE` entries, so jobs removed since (retention, rm) do not stay."""
+        self._listing = Listing(self._has_job)
+        """List's pages, from each job's encoding at its last listing."""
 
     @property
     def settings(self) -> Settings:
@@ -196,21 +189,12 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
         self._revocations.check(cached[1], cached[0].name)
         return cached[0]
 
-    def _status_pb(self, status: JobStatus) -> pb.JobStatus:
-        cached = self._listed.get(status.id)
-        if cached is not None:
-            self._listed.move_to_end(status.id)
-            old, msg = cached
-            if old is status:
-                return msg
-            if old.state is status.state is JobState.RUNNING:
-                msg.output_bytes = status.output_bytes
-                return msg
-        msg = convert.status_to_pb(status)
-        self._listed[status.id] = (status, msg)
-        if len(self._listed) > LISTED_CACHE:
-            self._listed.popitem(last=False)
-        return msg
+    def _has_job(self, job_id: str) -> bool:
+        try:
+            self._mgr.spec(job_id)
+        except JobNotFound:
+            return False
+        return True
 
     @contextlib.asynccontextmanager
     async def _rpc(
@@ -387,10 +371,7 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
                 min(size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE),
                 owner=None if everyone else identity.name,
             )
-            response = pb.ListResponse(jobs=[self._status_pb(s) for s in jobs])
-            if last is not None:
-                response.next_page_token = _page_token(last)
-            return response
+            return self._listing.response(jobs, "" if last is None else _page_token(last))
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def Wait(
