@@ -164,9 +164,10 @@ def status_to_pb(status: JobStatus) -> pb.JobStatus:
         signal=status.signal,
         reason=status.reason,
         oom_killed=status.oom_killed,
-        limits=limits_to_pb(status.limits),
         output_bytes=status.output_bytes,
     )
+    if status.limits != _NO_LIMITS:  # unset reads as no limits: one message less to parse
+        msg.limits.CopyFrom(limits_to_pb(status.limits))
     if status.ended_at is not None:
         msg.ended_at.CopyFrom(_ts(status.ended_at))
     if status.usage is not None:
@@ -213,7 +214,7 @@ def status_from_pb(msg: pb.JobStatus) -> JobStatus:
         msg.signal if has("signal") else None,
         msg.reason,
         msg.oom_killed,
-        limits_from_pb(msg.limits),
+        limits_from_pb(msg.limits) if has("limits") else _NO_LIMITS,
         usage,
         msg.output_bytes,
     )
