@@ -34,6 +34,7 @@ from bench import (
     keystroke,
     latency,
     memory,
+    order,
     paging,
     plot,
     profile,
@@ -53,6 +54,7 @@ SECTIONS = (
     "start",
     "scale",
     "paging",
+    "order",
     "retention",
 )
 OWN_DAEMON = ("retention",)
@@ -177,6 +179,13 @@ GOALS: tuple[tuple[str, str, Callable[[float], bool] | None, str | None, str], .
         "List p99, a 500-job page",
     ),
     ("list_page_retained_jobs", "", None, None, "  of this many retained jobs"),
+    (
+        "pipe_capture_one_packet_mib_s",
+        "",
+        None,
+        "pipe_capture_deep_mib_s",
+        "capture, one-packet pipes MiB/s",
+    ),
 )
 
 
@@ -296,6 +305,8 @@ async def main() -> int:
                     figures.update(await scale.run(settings, daemon, log))
                 elif section == "paging":
                     figures.update(await paging.run(settings, log))
+                elif section == "order":
+                    figures.update(await order.run(settings, log))
                 figures[f"seconds_{section}"] = round(time.monotonic() - t0, 1)
                 if sampler is not None:
                     log(f"profile of workerd during {section}:\n{sampler.stop()}")
