@@ -94,7 +94,9 @@ async def test_running_jobs_per_identity(serving: Serve, clients: Clients) -> No
         )
         await bob.start(["true"])  # bob's own quota
         await alice.stop(first.id)
-        third = await eventually(lambda: alice.start(["sh", "-c", "read x"]))
+        # Not `read x`: its stdin is /dev/null, so it would end at once and free the slot
+        # the next Start must find taken (this test failed now and then that way).
+        third = await eventually(lambda: alice.start(["sleep", "600"]))
         with pytest.raises(ResourceExhausted):
             await alice.start(["true"])
         # A job that ends by itself gives its slot back too.
