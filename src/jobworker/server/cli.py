@@ -17,7 +17,7 @@ from jobworker.errors import InvalidArgument, JobworkerError
 from jobworker.limits import Limits
 from jobworker.manager import DEFAULT_STOP_GRACE
 from jobworker.server import config as config_file
-from jobworker.server import logs
+from jobworker.server import heap, logs
 from jobworker.server.accounts import DEFAULT_UID_RANGE, UidRange
 from jobworker.server.daemon_config import (
     DEFAULT_LISTEN,
@@ -379,6 +379,7 @@ def main(
             default_network=Network(default_network),
             fleet=fleet_config(**fleet),  # type: ignore[arg-type]
         )
+        heap.map_large_blocks()  # before the first job: see jobworker.server.heap
         asyncio.run(daemon.run(config))
         # A failed RPC leaves reference cycles (error -> traceback -> frames -> call) holding
         # grpc objects; left to the interpreter's exit they make grpc's shutdown take ~2 s
