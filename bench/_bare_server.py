@@ -9,7 +9,11 @@ Prints its port. Methods (raw bytes, no protobuf):
     sends ``ready`` then waits until the client cancels (an idle follower).
 ``/bench.Bare/Stream``
     request: ``N`` or ``N:CHUNK`` (decimal); sends N bytes of zeros in messages of CHUNK bytes
-    (default: the daemon's read size, 64 KiB).
+    (default: the daemon's read size).
+``/bench.Bare/Ticks``
+    request: ``N:INTERVAL_MS``; sends ``ready`` then N lines ``SEQ MONOTONIC_NS``, one message
+    per line, INTERVAL_MS apart (the latency benchmark's writer, stamped as it is yielded): the
+    follow latency of grpc alone, the floor under the daemon's.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from grpc import aio
 import asyncio
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -48,6 +53,14 @@ async def stream(
         left -= n
 
 
+async def ticks(request: bytes, context: aio.ServicerContext[bytes, bytes]) -> AsyncIterator[bytes]:
+    count, _, interval = request.decode().partition(":")
+    yield b"ready\n"
+    for seq in range(int(count)):
+        yield b"%d %d\n" % (seq, time.monotonic_ns())
+        await asyncio.sleep(float(interval) / 1e3)
+
+
 async def main(pki: Path) -> None:
     material = tls.load_server(tls.Paths.from_pki(pki, "server"))
     server = aio.server(options=SERVER_OPTIONS)
@@ -56,6 +69,7 @@ async def main(pki: Path) -> None:
         {
             "Idle": grpc.unary_stream_rpc_method_handler(idle),
             "Stream": grpc.unary_stream_rpc_method_handler(stream),
+            "Ticks": grpc.unary_stream_rpc_method_handler(ticks),
         },
     )
     server.add_generic_rpc_handlers((handler,))

@@ -49,9 +49,11 @@ class BareChannel:
         creds = grpc.ssl_channel_credentials(m.ca, m.key, m.cert)
         self.channel = aio.secure_channel(addr, creds, options=CHANNEL_OPTIONS)
 
-    async def stream(self, request: str) -> AsyncIterator[bytes]:
-        method = "/bench.Bare/Idle" if request == "idle" else "/bench.Bare/Stream"
-        call = self.channel.unary_stream(method, None, None)(request.encode())
+    async def stream(self, request: str, method: str = "") -> AsyncIterator[bytes]:
+        """``method``: the bare server's method (default: ``Idle`` for ``idle``, else
+        ``Stream``)."""
+        method = method or ("Idle" if request == "idle" else "Stream")
+        call = self.channel.unary_stream(f"/bench.Bare/{method}", None, None)(request.encode())
         try:
             async for data in call:
                 yield data

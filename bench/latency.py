@@ -1,7 +1,10 @@
 """Follow latency: the job writes ``SEQ MONOTONIC_NS`` lines every few ms; the follower takes
 CLOCK_MONOTONIC (shared by every process) when each line arrives. Three readers of the same
 writer: a :class:`~jobworker.client.Client` follower, ``worker logs -f`` piped to us, and the
-baseline, the writer's stdout read straight from a pipe."""
+baseline, the writer's stdout read straight from a pipe. A second baseline is grpc alone: the
+bare grpc.aio server (:mod:`bench._bare_server`, same TLS and options, no jobworker code) yields
+the same lines at the same pace, one message each, stamped as it yields them — the floor under
+the follower's latency that no change in the daemon can go below."""
 
 from __future__ import annotations
 
@@ -12,7 +15,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench._followers import BareChannel
 from bench.common import Settings, Workerd, go_file, median, pct
+from bench.throughput import bare_server
 
 WARMUP_LINES = 5
 TIMEOUT = 120.0
@@ -106,6 +111,15 @@ async def via_cli(settings: Settings, daemon: Workerd) -> list[float]:
     return lines.latencies
 
 
+async def via_bare_grpc(settings: Settings, bare: BareChannel) -> list[float]:
+    lines = _Lines()
+    request = f"{settings.latency_lines}:{settings.latency_interval_ms}"
+    async with asyncio.timeout(TIMEOUT):
+        async for data in bare.stream(request, "Ticks"):
+            lines.feed(data, time.monotonic_ns())
+    return lines.latencies
+
+
 def summary(runs: list[list[float]]) -> dict[str, float]:
     """Median over repetitions of each repetition's p50/p99; the worst max of all."""
     return {
@@ -119,22 +133,32 @@ def summary(runs: list[list[float]]) -> dict[str, float]:
 async def run(
     settings: Settings, daemon: Workerd, log: Callable[[str], None]
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
-    runs: dict[str, list[list[float]]] = {"client": [], "cli": [], "pipe": []}
-    for rep in range(settings.reps):
-        runs["pipe"].append(await via_pipe(settings, daemon))
-        runs["client"].append(await via_client(settings, daemon))
-        runs["cli"].append(await via_cli(settings, daemon))
-        log(
-            f"latency rep {rep + 1}: p50 client {pct(runs['client'][-1], 0.5):.3f} ms, "
-            f"cli {pct(runs['cli'][-1], 0.5):.3f} ms, pipe {pct(runs['pipe'][-1], 0.5):.3f} ms"
-        )
+    runs: dict[str, list[list[float]]] = {"client": [], "cli": [], "pipe": [], "bare": []}
+    async with bare_server(daemon.pki) as bare:
+        for rep in range(settings.reps):
+            runs["pipe"].append(await via_pipe(settings, daemon))
+            runs["client"].append(await via_client(settings, daemon))
+            runs["cli"].append(await via_cli(settings, daemon))
+            runs["bare"].append(await via_bare_grpc(settings, bare))
+            log(
+                f"latency rep {rep + 1}: p50 client {pct(runs['client'][-1], 0.5):.3f} ms, "
+                f"cli {pct(runs['cli'][-1], 0.5):.3f} ms, pipe {pct(runs['pipe'][-1], 0.5):.3f} "
+                f"ms, bare grpc {pct(runs['bare'][-1], 0.5):.3f} ms"
+            )
     out: dict[str, float] = {}
-    for name, prefix in (("client", "follow"), ("cli", "follow_cli"), ("pipe", "pipe_baseline")):
+    prefixes = (
+        ("client", "follow"),
+        ("cli", "follow_cli"),
+        ("pipe", "pipe_baseline"),
+        ("bare", "grpc_bare_follow"),
+    )
+    for name, prefix in prefixes:
         s = summary(runs[name])
         out[f"{prefix}_p50_ms"] = s["p50_ms"]
         out[f"{prefix}_p99_ms"] = s["p99_ms"]
         out[f"{prefix}_max_ms"] = s["max_ms"]
     out["follow_samples"] = summary(runs["client"])["samples"]
     out["follow_p50_ratio_vs_pipe"] = out["follow_p50_ms"] / out["pipe_baseline_p50_ms"]
+    out["follow_p50_ratio_vs_bare_grpc"] = out["follow_p50_ms"] / out["grpc_bare_follow_p50_ms"]
     all_samples = {name: [x for r in rs for x in r] for name, rs in runs.items()}
     return out, all_samples
