@@ -4,7 +4,8 @@ format: :mod:`jobworker.outlog`).
 
 The record is created when the job starts and replaced atomically (temp file + rename) when it
 ends, so after any crash each record is either the running one or the final one. The final
-write is durable: the log, the new record and the directory are synced (``fdatasync``), so a
+write is durable: the log (its files that are not empty), the new record and the directory
+are synced (``fdatasync``), so a
 power cut after a job's end loses neither its output nor its outcome (the start record is not
 synced: one lost or cut short reads as a job lost while running). The writer thread takes the
 records asked for meanwhile as one batch: each one's files are synced, the directory once for
@@ -197,7 +198,11 @@ class Store:
             except FileNotFoundError:
                 continue
             try:
-                self._fsync(fd)
+                # An empty file has no data to sync; that it exists is made durable by the
+                # directory sync that follows (on a journaling file system such as ext4 or
+                # xfs, with its inode: created long before, in an earlier transaction).
+                if os.fstat(fd).st_size:
+                    self._fsync(fd)
             finally:
                 os.close(fd)
 

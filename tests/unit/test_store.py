@@ -85,6 +85,8 @@ def test_final_record_is_fsynced_with_log_and_directory(tmp_path: Path) -> None:
         spec = JobSpec(argv=("echo", "hello"), owner="alice")
         files = store.create("j1")
         os.write(files.out, b"hello")
+        os.write(files.err, b"oops")
+        os.write(files.idx, b"index")
         files.close()
         start = replace(ended("j1", spec), state=JobState.RUNNING, ended_at=None)
         store.save(spec, start, new=True)
@@ -155,7 +157,9 @@ async def _save_six(store: Store, synced: list[str], busy: Any, release: Any) ->
     done_at: list[int] = []
 
     async def save(job_id: str) -> None:
-        store.create(job_id).close()
+        files = store.create(job_id)
+        os.write(files.out, b"output")
+        files.close()
         await store.save_async(spec, ended(job_id, spec))
         done_at.append(len(synced))
 
@@ -193,3 +197,34 @@ def test_final_records_written_together_share_one_directory_sync(tmp_path: Path)
             assert json.loads(store.record_path(job_id).read_text())["state"] == "exited"
             for path in (store.log_path(job_id), store.jobs / f"{job_id}.json.tmp"):
                 assert str(path) in synced
+
+
+def test_empty_output_files_have_nothing_to_sync(tmp_path: Path) -> None:
+    """A job that wrote nothing on a stream: its empty file has no data to make durable (that
+    it exists, the directory sync does), so only the files with data, the record and the
+    directory are synced."""
+    synced: list[str] = []
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        os.fsync(fd)
+
+    for store in make_store(tmp_path / "state", fsync):
+        spec = JobSpec(argv=("true",), owner="alice")
+        store.create("quiet").close()
+        files = store.create("talks")
+        os.write(files.out, b"hello")
+        files.close()
+        for job_id in ("quiet", "talks"):
+            store.save(spec, ended(job_id, spec))
+        assert synced == [
+            str(store.jobs / "quiet.json.tmp"),
+            str(store.jobs),
+            str(store.log_path("talks")),
+            str(store.jobs / "talks.json.tmp"),
+            str(store.jobs),
+        ]
+        assert [status.id for _, status in sorted(store.load_all(), key=lambda r: r[1].id)] == [
+            "quiet",
+            "talks",
+        ]
