@@ -4,9 +4,13 @@ format: :mod:`jobworker.outlog`).
 
 The record is created when the job starts and replaced atomically (temp file + rename) when it
 ends, so after any crash each record is either the running one or the final one. The final
-write is durable: the log, the new record and the directory are fsynced, so a power cut after a
-job's end loses neither its output nor its outcome (the start record is not fsynced: one lost
-or cut short reads as a job lost while running). Flat files, no directory per job: on slow
+write is durable: the log (its files that are not empty), the new record and the directory
+are synced (``fdatasync``), so a
+power cut after a job's end loses neither its output nor its outcome (the start record is not
+synced: one lost or cut short reads as a job lost while running). The writer thread takes the
+records asked for meanwhile as one batch: each one's files are synced, the directory once for
+the batch, and no :meth:`Store.save_async` returns before the directory sync that follows its
+rename. Flat files, no directory per job: on slow
 disks every metadata operation shows in the start latency. Everything is 0600 in a 0700
 directory: jobs and other users cannot read other jobs' output or specs.
 
@@ -17,11 +21,13 @@ with its output kept.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
@@ -45,16 +51,26 @@ UNKNOWN_COMMAND = "<unknown>"
 log = logging.getLogger(__name__)
 
 
+_Work = Callable[[], bool]
+"""A write for the writer thread; returns whether the directory must be synced after it."""
+_Queued = tuple[_Work, asyncio.AbstractEventLoop, "asyncio.Future[None]"]
+
+
 class Store:
-    def __init__(self, state_dir: Path, *, fsync: Callable[[int], None] = os.fsync) -> None:
+    def __init__(self, state_dir: Path, *, fsync: Callable[[int], None] = os.fdatasync) -> None:
         """``fsync`` makes the final record durable (tests pass one that records its fds)."""
         self.root = state_dir
         self.jobs = state_dir / "jobs"
         self._fsync = fsync
         self._lock_fd = -1
         # One thread writes records, in the order asked: on slow disks a create+write+rename
-        # takes about half a millisecond that the event loop should spend serving.
+        # takes about half a millisecond that the event loop should spend serving, and each
+        # sync a millisecond or more. What is asked while it works waits in _queue, and is
+        # written as one batch with one directory sync (_drain).
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobworker-store")
+        self._queue: collections.deque[_Queued] = collections.deque()
+        self._queue_lock = threading.Lock()
+        self._draining = False
 
     def setup(self) -> None:
         """Create the state directory and lock it (flock) against a second manager."""
@@ -125,8 +141,13 @@ class Store:
             raise HostError(f"cannot sync {self.jobs} after removing job {job_id}: {e}") from e
 
     async def remove_async(self, job_id: str) -> None:
-        """:meth:`remove` on the writer thread, in order with the records it writes."""
-        await asyncio.get_running_loop().run_in_executor(self._writer, self.remove, job_id)
+        """:meth:`remove` on the writer thread, in order with the records it writes (the
+        directory sync shared with its batch)."""
+        await self._enqueue(functools.partial(self._discard_batched, job_id))
+
+    def _discard_batched(self, job_id: str) -> bool:
+        self.discard(job_id)
+        return True
 
     def discard(self, job_id: str) -> None:
         """Remove everything of a job that never started."""
@@ -138,7 +159,15 @@ class Store:
         """Write the record: ``new`` creates it in place (one cut short by a crash reads as a
         start that never completed); otherwise it is replaced atomically. The record of an
         ended job is durable when this returns: the log, the record and the directory are
-        fsynced."""
+        synced."""
+        if self._write(spec, status, new):
+            try:
+                self._sync_dir()
+            except OSError as e:
+                raise HostError(f"cannot write the record of job {status.id}: {e.strerror}") from e
+
+    def _write(self, spec: JobSpec, status: JobStatus, new: bool) -> bool:
+        """:meth:`save` but the directory sync; returns whether one is needed."""
         data = json.dumps(
             {"version": _VERSION, "spec": spec_to_dict(spec), **status_to_dict(status)}
         )
@@ -157,10 +186,9 @@ class Store:
                     self._fsync(f.fileno())
             if not new:
                 os.replace(path, final)
-            if durable:
-                self._sync_dir()
         except OSError as e:
             raise HostError(f"cannot write the record of job {status.id}: {e.strerror}") from e
+        return durable
 
     def _sync_log(self, job_id: str) -> None:
         paths = self.log_paths(job_id)
@@ -170,7 +198,11 @@ class Store:
             except FileNotFoundError:
                 continue
             try:
-                self._fsync(fd)
+                # An empty file has no data to sync; that it exists is made durable by the
+                # directory sync that follows (on a journaling file system such as ext4 or
+                # xfs, with its inode: created long before, in an earlier transaction).
+                if os.fstat(fd).st_size:
+                    self._fsync(fd)
             finally:
                 os.close(fd)
 
@@ -183,10 +215,59 @@ class Store:
             os.close(fd)
 
     async def save_async(self, spec: JobSpec, status: JobStatus, *, new: bool = False) -> None:
-        """:meth:`save` in the store's writer thread; records are written in call order."""
-        await asyncio.get_running_loop().run_in_executor(
-            self._writer, functools.partial(self.save, spec, status, new=new)
-        )
+        """:meth:`save` in the store's writer thread; records are written in call order, and
+        an ended job's is durable when this returns."""
+        await self._enqueue(functools.partial(self._write, spec, status, new))
+
+    def _enqueue(self, work: _Work) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        with self._queue_lock:
+            self._queue.append((work, loop, fut))
+            idle = not self._draining
+            self._draining = True
+        if idle:
+            try:
+                self._writer.submit(self._drain)
+            except BaseException:
+                with self._queue_lock:
+                    self._queue.clear()
+                    self._draining = False
+                raise
+        return fut
+
+    def _drain(self) -> None:
+        """The writer thread: everything queued, batch after batch, until the queue is empty.
+        A batch's directory sync comes after all its renames and removals and before any of
+        its futures is resolved."""
+        while True:
+            with self._queue_lock:
+                batch = list(self._queue)
+                self._queue.clear()
+                if not batch:
+                    self._draining = False
+                    return
+            results: list[BaseException | None] = []
+            synced: list[int] = []
+            for i, (work, _loop, _fut) in enumerate(batch):
+                try:
+                    if work():
+                        synced.append(i)
+                    results.append(None)
+                except BaseException as e:  # handed to the caller
+                    results.append(e)
+            if synced:
+                try:
+                    self._sync_dir()
+                except OSError as e:
+                    for i in synced:
+                        results[i] = HostError(f"cannot sync {self.jobs}: {e.strerror}")
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], Any]]] = {}
+            for (_work, loop, fut), result in zip(batch, results, strict=True):
+                by_loop.setdefault(loop, []).append((fut, result))
+            for loop, settled in by_loop.items():
+                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_settle, settled)
 
     def load_all(self) -> Iterator[tuple[JobSpec, JobStatus]]:
         """Every job with a log. One whose record is missing or unreadable (a start record
@@ -264,6 +345,16 @@ class Store:
         except HostError as e:
             log.warning("job %s: %s", job_id, e)
         return spec, status
+
+
+def _settle(settled: list[tuple[asyncio.Future[None], BaseException | None]]) -> None:
+    for fut, error in settled:
+        if fut.done():
+            continue
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
 
 
 def _from_record(raw: Any) -> tuple[JobSpec, JobStatus]:

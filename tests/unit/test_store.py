@@ -1,9 +1,12 @@
+import asyncio
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,6 +85,8 @@ def test_final_record_is_fsynced_with_log_and_directory(tmp_path: Path) -> None:
         spec = JobSpec(argv=("echo", "hello"), owner="alice")
         files = store.create("j1")
         os.write(files.out, b"hello")
+        os.write(files.err, b"oops")
+        os.write(files.idx, b"index")
         files.close()
         start = replace(ended("j1", spec), state=JobState.RUNNING, ended_at=None)
         store.save(spec, start, new=True)
@@ -143,3 +148,83 @@ def test_record_that_cannot_be_read_at_all(store: Store) -> None:
     [(_, status)] = store.load_all()
     assert status.state is JobState.LOST and "could not be read" in status.reason
     assert store.log_path("j3").exists()
+
+
+async def _save_six(store: Store, synced: list[str], busy: Any, release: Any) -> list[int]:
+    """Six final records: the first alone, five asked while the writer is inside the first;
+    the number of syncs done when each save returned."""
+    spec = JobSpec(argv=("true",), owner="alice")
+    done_at: list[int] = []
+
+    async def save(job_id: str) -> None:
+        files = store.create(job_id)
+        os.write(files.out, b"output")
+        files.close()
+        await store.save_async(spec, ended(job_id, spec))
+        done_at.append(len(synced))
+
+    first = asyncio.ensure_future(save("j0"))
+    await asyncio.to_thread(busy.wait, 10)  # the writer is inside the first save
+    rest = [asyncio.ensure_future(save(f"j{i}")) for i in range(1, 6)]
+    await asyncio.sleep(0)
+    release.set()
+    await asyncio.gather(first, *rest)
+    return done_at
+
+
+def test_final_records_written_together_share_one_directory_sync(tmp_path: Path) -> None:
+    """Ends that queue up while the writer is busy are made durable as one batch: each record
+    and log is synced, the directory once for them all, and no save returns before the
+    directory sync that follows its rename."""
+    synced: list[str] = []
+    busy = threading.Event()
+    release = threading.Event()
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        if not busy.is_set():
+            busy.set()
+            release.wait(10)
+        os.fsync(fd)
+
+    for store in make_store(tmp_path / "state", fsync):
+        done_at = asyncio.run(_save_six(store, synced, busy, release))
+        dir_syncs = [i for i, path in enumerate(synced) if path == str(store.jobs)]
+        assert len(dir_syncs) == 2  # the first save alone, then the five queued behind it
+        assert all(n > dir_syncs[0] for n in done_at)
+        assert sorted(done_at)[1:] == [dir_syncs[1] + 1] * 5
+        for job_id in (f"j{i}" for i in range(6)):
+            assert json.loads(store.record_path(job_id).read_text())["state"] == "exited"
+            for path in (store.log_path(job_id), store.jobs / f"{job_id}.json.tmp"):
+                assert str(path) in synced
+
+
+def test_empty_output_files_have_nothing_to_sync(tmp_path: Path) -> None:
+    """A job that wrote nothing on a stream: its empty file has no data to make durable (that
+    it exists, the directory sync does), so only the files with data, the record and the
+    directory are synced."""
+    synced: list[str] = []
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        os.fsync(fd)
+
+    for store in make_store(tmp_path / "state", fsync):
+        spec = JobSpec(argv=("true",), owner="alice")
+        store.create("quiet").close()
+        files = store.create("talks")
+        os.write(files.out, b"hello")
+        files.close()
+        for job_id in ("quiet", "talks"):
+            store.save(spec, ended(job_id, spec))
+        assert synced == [
+            str(store.jobs / "quiet.json.tmp"),
+            str(store.jobs),
+            str(store.log_path("talks")),
+            str(store.jobs / "talks.json.tmp"),
+            str(store.jobs),
+        ]
+        assert [status.id for _, status in sorted(store.load_all(), key=lambda r: r[1].id)] == [
+            "quiet",
+            "talks",
+        ]

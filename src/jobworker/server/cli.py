@@ -381,13 +381,16 @@ def main(
         )
         heap.map_large_blocks()  # before the first job: see jobworker.server.heap
         asyncio.run(daemon.run(config))
+        logs.shutdown()  # what the daemon logged, before anything else is written
         # A failed RPC leaves reference cycles (error -> traceback -> frames -> call) holding
         # grpc objects; left to the interpreter's exit they make grpc's shutdown take ~2 s
         # (measured: an idle daemon that had answered one NOT_FOUND took 2.2 s to exit).
         gc.collect()
     except JobworkerError as e:
+        logs.shutdown()
         click.echo(f"workerd: {e}", err=True)
         sys.exit(1)
     except OSError as e:
+        logs.shutdown()
         click.echo(f"workerd: {e}", err=True)
         sys.exit(1)
