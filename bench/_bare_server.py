@@ -9,7 +9,7 @@ Prints its port. Methods (raw bytes, no protobuf):
     sends ``ready`` then waits until the client cancels (an idle follower).
 ``/bench.Bare/Stream``
     request: ``N`` or ``N:CHUNK`` (decimal); sends N bytes of zeros in messages of CHUNK bytes
-    (default: the daemon's read size, 64 KiB).
+    (default: the daemon's read size, :data:`jobworker.outread.READ_CHUNK`).
 """
 
 from __future__ import annotations
