@@ -9,7 +9,7 @@ Prints its port. Methods (raw bytes, no protobuf):
     sends ``ready`` then waits until the client cancels (an idle follower).
 ``/bench.Bare/Stream``
     request: ``N`` or ``N:CHUNK`` (decimal); sends N bytes of zeros in messages of CHUNK bytes
-    (default: the daemon's read size).
+    (default: the daemon's read size, :data:`jobworker.outread.READ_CHUNK`).
 ``/bench.Bare/Ticks``
     request: ``N:INTERVAL_MS``; sends ``ready`` then N lines ``SEQ MONOTONIC_NS``, one message
     per line, INTERVAL_MS apart (the latency benchmark's writer, stamped as it is yielded): the

@@ -210,7 +210,7 @@ async def run(
             to_file.append(await asyncio.to_thread(write_to_file, daemon, total))
             log(
                 f"throughput rep {rep + 1}: follower {follow[-1]:.0f} MiB/s, TLS {tls[-1]:.0f} "
-                f"MiB/s, bare grpc {bare_small[-1]:.0f} MiB/s (64 KiB messages) "
+                f"MiB/s, bare grpc {bare_small[-1]:.0f} MiB/s ({READ_CHUNK // 1024} KiB messages) "
                 f"{bare_big[-1]:.0f} MiB/s (1 MiB); job writes log {to_log[-1]:.0f} MiB/s, "
                 f"file {to_file[-1]:.0f} MiB/s"
             )

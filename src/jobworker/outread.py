@@ -14,9 +14,12 @@ from jobworker.errors import HostError, InvalidArgument
 from jobworker.outlog import RECORD, Chunk, Index, LogPaths, Run, Stream, tail_start
 from jobworker.output import OutputPump
 
-READ_CHUNK = 256 * 1024
+READ_CHUNK = 124 * 1024
 """Most bytes per read (and so per Logs message): fewer, larger messages cost the daemon less
-per byte; a follower still gets small writes at once."""
+per byte; a follower still gets small writes at once. Below 128 KiB, workerd's fixed glibc
+mmap threshold (:mod:`jobworker.server.heap`): a read, its message and its serialized form
+each come from the heap, reused; at 256 KiB each was a fresh mapping, faulted in page by page
+and unmapped again (twice the daemon's CPU per byte followed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +97,7 @@ async def read_chunks(
         while True:
             ended = done()  # before the count: once ended, the count is final
             if pump is not None:
-                index.count = pump.records
+                index.count, index.newest = pump.records, pump.last
             if i < index.count:
                 run = index.get(i)
                 if query.since_us is not None and run.time_us < query.since_us:
