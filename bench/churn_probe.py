@@ -93,7 +93,15 @@ def main() -> None:
     p.add_argument("--every", type=int, default=2_000)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--cgroup-name", default="jobworker-probe")
+    p.add_argument("--mmap", action="store_true", help="fix the mmap threshold as workerd does")
     a = p.parse_args()
+    if a.mmap:
+        from jobworker.server.heap import map_large_blocks
+
+        map_large_blocks()
+    import jobworker
+
+    print(f"# {jobworker.__file__} mmap={a.mmap}", flush=True)
     asyncio.run(churn(a.jobs, a.retain, a.every, a.concurrency, a.cgroup_name))
 
 
