@@ -22,8 +22,9 @@ def entry(m: JobManager, job_id: str) -> object:
 def assert_compact(record: object) -> None:
     assert type(record) is EndedJob
     assert not hasattr(record, "__dict__")
-    # Nothing but the three values lives in the record itself.
-    assert EndedJob.__slots__ == ("id", "spec", "status")
+    # Nothing but the spec and the status lives in the record itself (the id is the status's).
+    assert EndedJob.__slots__ == ("spec", "status")
+    assert record.id == record.status.id
     for name in ("ended", "kill_moved", "group", "pump", "input", "task", "stopping"):
         assert name not in EndedJob.__slots__
 
