@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench import common
 from bench.common import Settings, Workerd
 from jobworker.server.daemon_config import DEFAULT_RETAIN_JOBS
 
@@ -44,7 +45,7 @@ async def run(settings: Settings, workdir: Path, log: Callable[[str], None]) -> 
     warmup = retain + retain // 5
     workdir.mkdir()
     flags = ("--retain-jobs", str(retain)) if settings.quick else ()
-    daemon = Workerd(workdir, *flags)
+    daemon = Workerd(workdir, *flags, cgroup_name=f"{common.CGROUP_NAME}-retention")
     out: dict[str, float] = {}
     try:
         await _churn(daemon, warmup, settings.concurrency)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from datetime import UTC, datetime, timedelta
 
-from jobworker.runtime import Job
+from jobworker.runtime import AnyJob, EndedJob, Job
 from jobworker.spec import JobStatus
 
 PageKey = tuple[int, str]
@@ -22,7 +22,7 @@ def page_key(status: JobStatus) -> PageKey:
     return (started - _EPOCH) // _MICROSECOND, status.id
 
 
-class JobTable(dict[str, Job]):
+class JobTable(dict[str, AnyJob]):
     """The manager's jobs by id, and the same ordered by :func:`page_key`, all and per owner
     (sorted lists: a page is a bisect and a slice). A job that arrives out of order (recovery
     reads records in file-name order) is appended and its list sorted once, at the next page or
@@ -37,7 +37,7 @@ class JobTable(dict[str, Job]):
         self._by_owner: dict[str, list[PageKey]] = {}
         self._unsorted: list[list[PageKey]] = []
 
-    def __setitem__(self, job_id: str, job: Job) -> None:
+    def __setitem__(self, job_id: str, job: AnyJob) -> None:
         if job_id in self:
             del self[job_id]
         super().__setitem__(job_id, job)
@@ -46,6 +46,12 @@ class JobTable(dict[str, Job]):
             if keys and key < keys[-1] and not any(k is keys for k in self._unsorted):
                 self._unsorted.append(keys)
             keys.append(key)
+
+    def retire(self, job: Job) -> None:
+        """Put the compact record of ``job``, which has ended, in its place (same id, same page
+        key, same place in the table's order); nothing if it is no longer in the table."""
+        if self.get(job.id) is job:
+            super().__setitem__(job.id, EndedJob(job.spec, job.status))
 
     def _sorted(self) -> None:
         for keys in self._unsorted:

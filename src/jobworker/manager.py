@@ -31,9 +31,9 @@ from jobworker.jobtable import JobTable, PageKey
 from jobworker.outlog import Chunk
 from jobworker.output import PumpThread
 from jobworker.outread import Query, data_of, read_chunks
-from jobworker.recovery import recover
+from jobworker.recovery import end_time, recover
 from jobworker.retention import Removal, Retention, RetentionIndex
-from jobworker.runtime import Job, SendSignal, run_stop
+from jobworker.runtime import AnyJob, EndedJob, Job, SendSignal, run_stop
 from jobworker.spawn.keeper import SpawnerKeeper
 from jobworker.spec import DEADLINE_REASON, Credentials, JobSpec, JobState, JobStatus
 from jobworker.starting import abandon_start, lookup_in_child, masked, prepare, raise_nofile_limit
@@ -88,7 +88,7 @@ class JobManager:
         self._send_signal: SendSignal = os.kill
         self._host_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobworker-start")
         self._host_io.submit(int).result()  # start its thread now, not in the first start
-        self._jobs: dict[str, Job] = JobTable()
+        self._jobs = JobTable()
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._starting: set[asyncio.Future[JobStatus]] = set()
@@ -169,9 +169,9 @@ class JobManager:
             undo.callback(self._host_io.shutdown)
             recovered = await recover(store, tree, watcher)
             for spec, status in recovered:
-                self._jobs[status.id] = Job(spec, status)
+                self._jobs[status.id] = EndedJob(spec, status)
             if self._retention is not None:
-                for _, status in sorted(recovered, key=_end_time):
+                for _, status in sorted(recovered, key=end_time):
                     self._retained(status, status.ended_at or status.started_at)
                 self._sweeper = asyncio.create_task(self._sweep(), name="retention sweep")
             undo.pop_all()
@@ -191,7 +191,7 @@ class JobManager:
 
     # -- queries ---------------------------------------------------------------------------
 
-    def _get(self, job_id: str) -> Job:
+    def _get(self, job_id: str) -> AnyJob:
         job = self._jobs.get(job_id)
         if job is None:
             raise JobNotFound(job_id)
@@ -223,9 +223,7 @@ class JobManager:
         for the next page, ``None`` when there is none. Costs O(log n + limit): no other job is
         looked at. A job that starts meanwhile comes last, so a listing page by page sees
         every job that existed throughout, once (unless the clock went back)."""
-        table = self._jobs
-        assert isinstance(table, JobTable)
-        return table.page(after, limit, owner)
+        return self._jobs.page(after, limit, owner)
 
     async def remove(self, job_id: str) -> None:
         """Forget an ended job: its record and log are deleted (readers that have the log open
@@ -362,7 +360,7 @@ class JobManager:
         if job is None:
             return  # not started yet: checked once it is
         log.warning("job %s: %s; stopping it", job.id, reason)
-        if not job.ended.is_set():
+        if isinstance(job, Job) and not job.ended.is_set():
             self._begin_stop(job, None, reason)
 
     def _on_deadline(self, job: Job) -> None:
@@ -381,10 +379,15 @@ class JobManager:
         await supervise(job, exit_status, self._tree, self._watcher, self._store, self._deadlines)
         try:
             if self._retention is not None:
-                self._retained(job.status, self._clock())
+                ended = job.status.ended_at  # the clock's own copy only if it is not ours
+                self._retained(
+                    job.status, ended if ended and self._clock is _now else self._clock()
+                )
                 await self._apply_retention()
         finally:
             job.release()
+            if job.ended.is_set():
+                self._jobs.retire(job)
 
     # -- retention -------------------------------------------------------------------------
 
@@ -435,7 +438,7 @@ class JobManager:
         can only bring the kill forward. Stopping an ended job returns its final status.
         """
         job = self._get(job_id)
-        if not job.ended.is_set():
+        if isinstance(job, Job) and not job.ended.is_set():
             self._begin_stop(job, grace, reason)
             await job.ended.wait()
         return job.status
@@ -493,8 +496,3 @@ class JobManager:
 
 
 _OPEN = object()
-
-
-def _end_time(job: tuple[JobSpec, JobStatus]) -> datetime:
-    status = job[1]
-    return status.ended_at or status.started_at

@@ -60,3 +60,9 @@ async def _mark_lost(
     )
     store.save(spec, lost)
     return lost
+
+
+def end_time(job: tuple[JobSpec, JobStatus]) -> datetime:
+    """The order recovered jobs enter retention in."""
+    status = job[1]
+    return status.ended_at or status.started_at

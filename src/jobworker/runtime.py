@@ -103,6 +103,43 @@ class Job:
             self.kill_moved.set()
 
 
+class EndedJob:
+    """What the manager's table keeps of a job once it has ended and its supervision is done
+    (or it was recovered from its record): its spec and final status, one small object in
+    place of the runtime :class:`Job`. The attributes a running job's callers read are class
+    constants here: the shared set event, no group, pump, stdin or task."""
+
+    __slots__ = ("spec", "status")
+
+    ended = _ENDED
+    kill_moved = _ENDED
+    group: Path | None = None
+    pump: OutputPump | None = None
+    input: JobInput | None = None
+    task: asyncio.Task[None] | None = None
+    stopping: asyncio.Task[None] | None = None
+
+    def __init__(self, spec: JobSpec, status: JobStatus) -> None:
+        assert status.state.ended, "only an ended job is retired"
+        self.spec = spec
+        self.status = status
+
+    @property
+    def id(self) -> str:
+        """The status's: two slots, not three (48 bytes an entry, not 64)."""
+        return self.status.id
+
+    def snapshot(self) -> JobStatus:
+        return self.status
+
+    def open_input(self) -> JobInput:
+        raise StdinClosed(f"job {self.id} has no open stdin (start it with stdin or a tty)")
+
+
+AnyJob = Job | EndedJob
+"""A table entry: a job that may still run, or an ended one's compact record."""
+
+
 async def run_stop(job: Job, tree: CgroupTree, watcher: EventsWatcher, send: SendSignal) -> None:
     """SIGTERM to every process, the grace period, then ``cgroup.kill``; returns when the job
     has ended. Runs as the manager's task, so the escalation happens whatever becomes of the

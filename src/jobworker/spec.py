@@ -9,6 +9,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import MappingProxyType
 
 from jobworker.errors import InvalidArgument
 from jobworker.limits import Limits
@@ -26,6 +27,12 @@ MAX_ARGV_ENV_BYTES = 1024 * 1024
 MAX_OWNER_BYTES = 256
 DEADLINE_REASON = "deadline exceeded"
 """In the stop reason of a job stopped by its deadline (:attr:`JobSpec.timeout`)."""
+NO_ENV: Mapping[str, str] = MappingProxyType({})
+"""The ``env`` of every spec that adds no variable: one shared, read-only empty mapping."""
+NO_LIMITS = Limits()
+"""The ``limits`` of every spec and status that sets none: one shared object. A daemon keeps
+thousands of ended jobs; one empty dict and one Limits each, scattered among the allocations of
+the jobs after them, fragmented its heap."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +182,7 @@ class JobSpec:
                 raise InvalidArgument("terminal must be a TerminalSize or None")
             object.__setattr__(self, "stdin", True)
         object.__setattr__(self, "stdin", bool(self.stdin))
+        _share_defaults(self)
 
     def full_env(self) -> dict[str, str]:
         """The environment the job really gets."""
@@ -216,3 +224,15 @@ class JobStatus:
     limits: Limits = field(default_factory=Limits)
     usage: Usage | None = None
     output_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        _share_defaults(self)
+
+
+def _share_defaults(value: JobSpec | JobStatus) -> None:
+    """Put the shared :data:`NO_LIMITS` (and, in a spec, :data:`NO_ENV`) in place of an equal
+    value of the caller's own."""
+    if value.limits is not NO_LIMITS and value.limits == NO_LIMITS:
+        object.__setattr__(value, "limits", NO_LIMITS)
+    if isinstance(value, JobSpec) and value.env is not NO_ENV and not value.env:
+        object.__setattr__(value, "env", NO_ENV)
