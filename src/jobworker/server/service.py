@@ -301,7 +301,9 @@ class JobWorkerService(pb_grpc.JobWorkerServicer):
             )
             status = await self._start_within_quotas(identity, spec)
             _note_job(status.id)
-            log.info("job %s started by %s: %s", status.id, printable(identity.name), _argv(spec))
+            if log.isEnabledFor(logging.INFO):
+                who = printable(identity.name)
+                log.info("job %s started by %s: %s", status.id, who, _argv(spec))
             return pb.StartResponse(id=status.id, status=convert.status_to_pb(status))
         raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
 
