@@ -15,12 +15,11 @@ import shlex
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from jobworker import tls
-from jobworker.api.etcd import EtcdTls, EtcdUnavailable
 from jobworker.api.fleet import Endpoints, split_fleet_id
 from jobworker.client.cli import jobs as _jobs  # noqa: F401 - registers what is wrapped here
 from jobworker.client.cli.app import cli
@@ -29,9 +28,12 @@ from jobworker.client.cli.exits import CommandExit, Exit, error_exit, warn
 from jobworker.client.cli.render import _safe, _short_exit, _time, echo_json, status_json
 from jobworker.client.cli.session import run_sync
 from jobworker.client.cli.settings import Settings, settings_of
-from jobworker.client.fleet import Fleet, Host
 from jobworker.errors import InvalidArgument, JobworkerError
 from jobworker.spec import JobStatus
+
+if TYPE_CHECKING:
+    # The fleet's client (and with it aetcd) is imported only by a command that uses the fleet.
+    from jobworker.client.fleet import Fleet, Host
 
 T = TypeVar("T")
 
@@ -43,6 +45,9 @@ def need_fleet(settings: Settings, what: str) -> str:
 
 
 def open_fleet(settings: Settings) -> Fleet:
+    from jobworker.api.etcd import EtcdTls
+    from jobworker.client.fleet import Fleet
+
     url = need_fleet(settings, "a fleet command")
     try:
         endpoints = Endpoints.parse(url)
@@ -65,6 +70,7 @@ def open_fleet(settings: Settings) -> Fleet:
 
 def fleet_remote(settings: Settings, body: Callable[[Fleet], Coroutine[Any, Any, T]]) -> T:
     """Run ``body`` with a :class:`Fleet`; etcd down is "unavailable", with etcd's address."""
+    from jobworker.api.etcd import EtcdUnavailable
 
     async def go() -> T:
         async with open_fleet(settings) as fleet:

@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import click
 
@@ -23,9 +23,11 @@ from jobworker.client.cli.fleet import fleet_remote, need_fleet, table
 from jobworker.client.cli.render import outcome
 from jobworker.client.cli.session import Session, follow_output, wait_for_end
 from jobworker.client.cli.settings import Settings, settings_of
-from jobworker.client.fleet import Fleet, Host
 from jobworker.errors import InvalidArgument, JobworkerError
 from jobworker.spec import JobState, JobStatus
+
+if TYPE_CHECKING:
+    from jobworker.client.fleet import Fleet, Host
 
 ON_HELP = (
     "Run on the fleet (needs --fleet): any, all, or a label selector such as zone=a,gpu "

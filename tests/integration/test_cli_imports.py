@@ -1,0 +1,91 @@
+"""What ``worker status ID`` imports: the hot path of every one-shot command must not pay for
+the modules of other commands (the fleet's etcd client, the terminal, shell completion) nor
+for cryptography (issue 15: the CLI's start-up time is mostly imports)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobworker.client import Client
+from jobworker.server.daemon import Daemon
+from tests.integration import daemon_harness as harness
+
+pki_dir, daemon, connect = harness.pki_dir, harness.daemon, harness.connect
+Connect = harness.Connect
+
+PROBE = """
+import json, sys
+from jobworker.client.cli import cli
+try:
+    cli.main(sys.argv[2:], prog_name="worker")
+except SystemExit as e:
+    code = e.code
+with open(sys.argv[1], "w") as f:
+    json.dump({"code": code, "modules": sorted(sys.modules)}, f)
+"""
+
+NOT_ON_THE_HOT_PATH = (
+    "cryptography",  # certificates are read by grpc's C core; only `certs` parses them
+    "aetcd",  # the fleet's etcd client: fleet commands only
+    "jobworker.api.etcd",
+    "jobworker.client.fleet",
+    "click.shell_completion",  # completing, or printing the completion script
+    "jobworker.client.tty",  # run -t and attach
+    "jobworker.client.attaching",
+    "jobworker.client.issuing",  # certs
+    "jobworker.client.pki",
+)
+
+
+def _loaded(modules: list[str], name: str) -> bool:
+    return any(m == name or m.startswith(name + ".") for m in modules)
+
+
+async def test_status_imports_nothing_it_does_not_use(
+    daemon: Daemon, connect: Connect, pki_dir: Path, tmp_path: Path
+) -> None:
+    client: Client = connect("alice")
+    job = await client.start(["true"])
+    await client.wait(job.id)
+    report = tmp_path / "modules.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        PROBE,
+        str(report),
+        "--addr",
+        f"127.0.0.1:{daemon.port}",
+        "--pki",
+        str(pki_dir),
+        "--user",
+        "alice",
+        "status",
+        job.id,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    assert f"id:       {job.id}" in out.decode(), out
+    result = json.loads(report.read_text())
+    assert result["code"] == 0, err
+    modules: list[str] = result["modules"]
+    assert "jobworker.client.client" in modules  # the probe did reach the daemon
+    loaded = [name for name in NOT_ON_THE_HOT_PATH if _loaded(modules, name)]
+    assert loaded == [], f"`worker status` imported {loaded}"
+
+
+@pytest.mark.parametrize("module", NOT_ON_THE_HOT_PATH)
+def test_the_names_are_real_modules(module: str) -> None:
+    """A misspelt name above would make the check pass vacuously."""
+    import importlib.util
+
+    assert importlib.util.find_spec(module) is not None
