@@ -97,7 +97,10 @@ class Settings:
         # grpc's C core logs failed handshakes and connects on stderr; the CLI reports errors
         # itself, in one line. GRPC_VERBOSITY=debug still works for debugging.
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-        from jobworker.client import Client
+        from jobworker.client.cli.imports import collector_paused
+
+        with collector_paused():
+            from jobworker.client import Client
 
         ca, cert, key = self.tls_paths()
         try:
