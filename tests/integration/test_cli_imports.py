@@ -35,6 +35,7 @@ NOT_ON_THE_HOT_PATH = (
     "cryptography",  # certificates are read by grpc's C core; only `certs` parses them
     "aetcd",  # the fleet's etcd client: fleet commands only
     "jobworker.api.etcd",
+    "jobworker.api.fleet",  # fleet ids (HOST/ID) and etcd's endpoints
     "jobworker.client.fleet",
     "click.shell_completion",  # completing, or printing the completion script
     "jobworker.client.tty",  # run -t and attach
