@@ -42,6 +42,7 @@ NOT_ON_THE_HOT_PATH = (
     "jobworker.client.attaching",
     "jobworker.client.issuing",  # certs
     "jobworker.client.pki",
+    "getpass",  # the login name is looked up only without --user (the probe gives one)
 )
 
 

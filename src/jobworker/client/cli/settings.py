@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import getpass
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -69,6 +68,8 @@ class Settings:
         if self.user:
             return self.user
         users = pki_users(pki)
+        import getpass  # (and termios) only when no --user is given
+
         with contextlib.suppress(Exception):
             login = getpass.getuser()
             if login in users:
