@@ -148,6 +148,7 @@ try:
 except SystemExit as e:
     code = e.code
 sys.stderr.write(f"collections {len(started) - 1}\\n")  # the last is cli.main's own
+sys.stderr.write(f"frozen {gc.get_freeze_count()}\\n")
 """
 
 
@@ -184,3 +185,25 @@ async def test_status_imports_without_collecting_garbage(
     assert found is not None, err
     collections = int(found.group(1))
     assert collections <= 5, err
+    # What the imports made lives as long as the process: moved out of the collector's way
+    # (gc.freeze) rather than walked by the first collection after them.
+    frozen = re.search(rb"^frozen (\d+)$", err, re.MULTILINE)
+    assert frozen is not None, err
+    assert int(frozen.group(1)) > 10_000, err
+
+
+async def test_a_process_that_already_has_the_client_freezes_nothing(
+    daemon: Daemon, pki_dir: Path
+) -> None:
+    """Only the first import of the client freezes: a long-lived process (this one imported
+    the client long ago) keeps its garbage collectable when a command connects."""
+    import gc
+
+    from jobworker.client.cli.settings import Settings
+
+    assert "jobworker.client.client" in sys.modules
+    before = gc.get_freeze_count()
+    settings = Settings(addr=f"127.0.0.1:{daemon.port}", pki=pki_dir, user="alice")
+    client = settings.connect()
+    await client.close()
+    assert gc.get_freeze_count() == before

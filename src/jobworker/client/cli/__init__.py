@@ -22,7 +22,7 @@ from typing import NoReturn
 
 from jobworker.client.cli.imports import collector_paused
 
-with collector_paused():
+with collector_paused(freeze=True):
     from jobworker.client.cli import fleet as _fleet  # noqa: F401 - fleet commands, HOST/ID
     from jobworker.client.cli import fleet_run as _fleet_run  # noqa: F401 - start/run --on
     from jobworker.client.cli import jobs as _jobs  # noqa: F401 - registers the job commands

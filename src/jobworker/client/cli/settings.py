@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -100,7 +101,7 @@ class Settings:
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
         from jobworker.client.cli.imports import collector_paused
 
-        with collector_paused():
+        with collector_paused(freeze="jobworker.client.client" not in sys.modules):
             from jobworker.client import Client
 
         ca, cert, key = self.tls_paths()
