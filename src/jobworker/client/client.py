@@ -24,7 +24,7 @@ import sys
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import grpc
 from grpc import aio
@@ -33,12 +33,15 @@ from jobworker import tls
 from jobworker.api import convert
 from jobworker.api.errors import ERROR_TRAILER, error_for
 from jobworker.api.proto import pb, pb_grpc
-from jobworker.client.attaching import Attachment
 from jobworker.errors import JobworkerError, RemoteError
 from jobworker.limits import Limits
 from jobworker.outlog import Chunk, Stream
 from jobworker.outread import Query
 from jobworker.spec import JobStatus, Network, TerminalSize
+
+if TYPE_CHECKING:
+    # Imported by attach(), when a command types into a job.
+    from jobworker.client.attaching import Attachment
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
@@ -169,6 +172,8 @@ class Client:
         """Open a job's stdin (or terminal) for writing; ``window``: this side's terminal
         size, applied at once. Raises :class:`~jobworker.errors.StdinClosed` for a job
         without an open stdin. The job's output is read with :meth:`logs`."""
+        from jobworker.client.attaching import Attachment
+
         call = self._stub.Attach()  # type: ignore[call-arg] # requests are written by the call
         attachment = Attachment(call, job_id, _translate)
         try:

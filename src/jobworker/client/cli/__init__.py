@@ -20,13 +20,16 @@ from __future__ import annotations
 
 from typing import NoReturn
 
-from jobworker.client.cli import fleet as _fleet  # noqa: F401 - fleet commands, HOST/ID routing
-from jobworker.client.cli import fleet_run as _fleet_run  # noqa: F401 - start/run --on
-from jobworker.client.cli import jobs as _jobs  # noqa: F401 - registers the job commands
-from jobworker.client.cli.app import cli
-from jobworker.client.cli.certs import certs
-from jobworker.client.cli.completion import completion
-from jobworker.client.cli.exits import PROG, Exit, leave
+from jobworker.client.cli.imports import collector_paused
+
+with collector_paused(freeze=True):
+    from jobworker.client.cli import fleet as _fleet  # noqa: F401 - fleet commands, HOST/ID
+    from jobworker.client.cli import fleet_run as _fleet_run  # noqa: F401 - start/run --on
+    from jobworker.client.cli import jobs as _jobs  # noqa: F401 - registers the job commands
+    from jobworker.client.cli.app import cli
+    from jobworker.client.cli.certs import certs
+    from jobworker.client.cli.completion import completion
+    from jobworker.client.cli.exits import PROG, Exit, leave
 
 cli.add_command(certs)
 cli.add_command(completion)
@@ -35,11 +38,12 @@ cli.add_command(completion)
 def main() -> NoReturn:
     """The ``worker`` console script."""
     try:
-        cli.main(prog_name=PROG)
+        code = cli.run(prog_name=PROG)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-    else:  # pragma: no cover - WorkerGroup.main always exits
-        code = 0
+    # The process ends without the interpreter's shutdown (grpc's would wait on the garbage of
+    # a failed call), so there is nothing to collect first: a full collection of everything
+    # the command imported costs more than the call.
     leave(code)
 
 

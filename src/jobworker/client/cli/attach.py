@@ -16,20 +16,24 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from jobworker.client.attaching import STDIN_CHUNK, Attachment
 from jobworker.client.cli.app import cli
 from jobworker.client.cli.completion import JOB_ID
 from jobworker.client.cli.exits import CommandExit, Exit, finish, warn
 from jobworker.client.cli.session import Session, follow_output, remote, wait_for_end
 from jobworker.client.cli.settings import settings_of
-from jobworker.client.tty import DetachScanner, RawTerminal, is_terminal, size_of
 from jobworker.errors import PermissionDenied
 from jobworker.outread import Query
 from jobworker.spec import JobStatus, TerminalSize
+
+if TYPE_CHECKING:
+    from jobworker.client.attaching import Attachment
+
+# The terminal's modules (termios) are imported by the commands that type into a job, when
+# they do: every other command imports this module too, to register its options.
 
 
 class Detached(Exception):
@@ -38,6 +42,8 @@ class Detached(Exception):
 
 def local_terminal_size() -> TerminalSize:
     """For ``run -t``: the size of the terminal on stdin; a usage error when stdin is none."""
+    from jobworker.client.tty import is_terminal, size_of
+
     if not is_terminal(0):
         raise click.UsageError("-t needs a terminal on stdin (use -i to stream a pipe or file)")
     return size_of(0)
@@ -62,6 +68,8 @@ async def feeding_stdin(session: Session, job_id: str, enabled: bool) -> AsyncIt
 
 
 async def _copy_stdin(attachment: Attachment, fd: int) -> None:
+    from jobworker.client.attaching import STDIN_CHUNK
+
     pollable = True
     while True:
         if pollable:
@@ -93,6 +101,8 @@ async def readable(fd: int) -> None:
 async def terminal_session(session: Session, job_id: str, offset: int, *, fd: int = 0) -> JobStatus:
     """Be the terminal of job ``job_id`` until it ends (its final status) or the detach keys
     (:class:`Detached`); its screen from byte ``offset`` of its output."""
+    from jobworker.client.tty import RawTerminal, size_of
+
     attachment: Attachment | None
     try:
         attachment = await session.client.attach(job_id, window=size_of(fd))
@@ -152,6 +162,8 @@ def _set_done(fut: asyncio.Future[None]) -> None:
 async def _send_keys(attachment: Attachment | None, fd: int) -> None:
     """Read keystrokes as they come and send them; returns at the detach keys (or if our
     terminal is gone). One read at a time, sent before the next: typing is flow-controlled."""
+    from jobworker.client.tty import DetachScanner
+
     scanner = DetachScanner()
     while True:
         await readable(fd)
@@ -181,6 +193,8 @@ def attach(ctx: click.Context, job_id: str) -> None:
     admins type, viewers watch. Ctrl+P Ctrl+Q detaches (the job runs on). Exits with the
     job's exit code when it ends.
     """
+    from jobworker.client.tty import is_terminal
+
     settings = settings_of(ctx)
     if not is_terminal(0):
         raise click.UsageError("attach needs a terminal on stdin")

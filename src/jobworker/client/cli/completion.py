@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
+from typing import TYPE_CHECKING
 
 import click
-from click.shell_completion import CompletionItem, get_completion_class
 
 from jobworker.client.cli.exits import PROG
 from jobworker.client.cli.group import COMPLETE_VAR
@@ -14,11 +14,17 @@ from jobworker.client.cli.session import run_sync
 from jobworker.client.cli.settings import Settings
 from jobworker.spec import JobStatus
 
+if TYPE_CHECKING:
+    # click's completion module is imported when completing, or printing the script.
+    from click.shell_completion import CompletionItem
+
 
 def complete_job_ids(
     ctx: click.Context, param: click.Parameter, incomplete: str
 ) -> list[CompletionItem]:
     """Job ids for shell completion; quietly nothing when the daemon cannot be asked."""
+    from click.shell_completion import CompletionItem
+
     # The group's callback does not run while completing: build the settings from its
     # parameters (options and WORKER_* variables), as it would.
     params = ctx.find_root().params
@@ -53,6 +59,8 @@ def completion(shell: str) -> None:
       zsh:  echo 'eval "$(worker completion zsh)"' >> ~/.zshrc
       fish: worker completion fish > ~/.config/fish/completions/worker.fish
     """
+    from click.shell_completion import get_completion_class
+
     cls = get_completion_class(shell)
     assert cls is not None, "click supports bash, zsh and fish"
     root = click.get_current_context().find_root().command

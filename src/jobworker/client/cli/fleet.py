@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from jobworker import tls
-from jobworker.api.fleet import Endpoints, split_fleet_id
 from jobworker.client.cli import jobs as _jobs  # noqa: F401 - registers what is wrapped here
 from jobworker.client.cli.app import cli
 from jobworker.client.cli.certs import certs
@@ -31,7 +30,8 @@ from jobworker.client.cli.settings import Settings, settings_of
 from jobworker.errors import InvalidArgument, JobworkerError
 from jobworker.spec import JobStatus
 
-if TYPE_CHECKING:  # at run time only when a fleet command runs: aetcd alone takes ~100 ms
+if TYPE_CHECKING:
+    # The fleet's client (and with it aetcd) is imported only by a command that uses the fleet.
     from jobworker.client.fleet import Fleet, Host
 
 T = TypeVar("T")
@@ -45,6 +45,7 @@ def need_fleet(settings: Settings, what: str) -> str:
 
 def open_fleet(settings: Settings) -> Fleet:
     from jobworker.api.etcd import EtcdTls
+    from jobworker.api.fleet import Endpoints
     from jobworker.client.fleet import Fleet
 
     url = need_fleet(settings, "a fleet command")
@@ -160,6 +161,10 @@ def hosts(ctx: click.Context, as_json: bool) -> None:
 def route(ctx: click.Context, fleet_id: str) -> str:
     """For a fleet id, point the command's settings at its host and return the job's own id;
     a plain id is returned as it is (the command goes to --addr)."""
+    if "/" not in fleet_id:  # a plain id (the fleet's module is not needed to tell)
+        return fleet_id
+    from jobworker.api.fleet import split_fleet_id
+
     try:
         parts = split_fleet_id(fleet_id)
     except InvalidArgument as e:

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import click
 
-from jobworker.api.fleet import Selector
 from jobworker.client.cli import jobs
 from jobworker.client.cli.app import cli
 from jobworker.client.cli.exits import CommandExit, Exit, StdoutClosed, error_exit, warn
@@ -26,7 +25,8 @@ from jobworker.client.cli.settings import Settings, settings_of
 from jobworker.errors import InvalidArgument, JobworkerError
 from jobworker.spec import JobState, JobStatus
 
-if TYPE_CHECKING:  # imported by the fleet commands when they run (aetcd is slow to import)
+if TYPE_CHECKING:
+    from jobworker.api.fleet import Selector
     from jobworker.client.fleet import Fleet, Host
 
 ON_HELP = (
@@ -38,6 +38,8 @@ WATCH_INTERVAL = 0.5
 
 
 def _selector(on: str) -> Selector:
+    from jobworker.api.fleet import Selector
+
     try:
         return Selector.parse(on)
     except InvalidArgument as e:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import getpass
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,6 +69,8 @@ class Settings:
         if self.user:
             return self.user
         users = pki_users(pki)
+        import getpass  # (and termios) only when no --user is given
+
         with contextlib.suppress(Exception):
             login = getpass.getuser()
             if login in users:
@@ -97,7 +99,10 @@ class Settings:
         # grpc's C core logs failed handshakes and connects on stderr; the CLI reports errors
         # itself, in one line. GRPC_VERBOSITY=debug still works for debugging.
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-        from jobworker.client import Client
+        from jobworker.client.cli.imports import collector_paused
+
+        with collector_paused(freeze="jobworker.client.client" not in sys.modules):
+            from jobworker.client import Client
 
         ca, cert, key = self.tls_paths()
         try:
