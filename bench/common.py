@@ -187,8 +187,8 @@ def _workerd_command() -> list[str]:
     if not chunk:
         return [str(BIN / "workerd")]
     prelude = (
-        "import jobworker.output as o; "
-        f"o.read_output.__defaults__ = ({int(chunk)},); "
+        "import jobworker.outread as o; "
+        f"o.read_chunks.__defaults__ = ({int(chunk)},); "
         "from jobworker.server.daemon import main; main()"
     )
     return [sys.executable, "-c", prelude]
