@@ -230,9 +230,8 @@ class OutputPump:
         self._last_time = 0
         self._allocated = 0
         """Bytes of the index file allocated (its records come first, zeros after)."""
-        self._committed: tuple[int, int, Run | None] = (0, 0, None)
-        """(records, bytes, the last record) as one value: a publish never sees bytes without
-        their record."""
+        self._committed = (0, 0)
+        """(records, bytes) as one value: a publish never sees bytes without their record."""
         self._discarded = 0
         self._refusal: str | None = None
         self._eof_seen = False
@@ -242,9 +241,6 @@ class OutputPump:
         """Bytes of both streams in the logs, as far as readers may read."""
         self.records = 0
         """Records of the index readers may read."""
-        self.last: Run | None = None
-        """The last of them (``None`` before the first): a follower woken for a new record
-        takes it from here, not from the index file."""
         self.discarded = 0
         self.refused: str | None = None
         self.closed = False
@@ -357,7 +353,7 @@ class OutputPump:
             self._out += n
         else:
             self._err += n
-        self._committed = (self._records, self._out + self._err, run)
+        self._committed = (self._records, self._out + self._err)
 
     def _end_source(self, src: _Source) -> None:
         src.closed = True
@@ -389,7 +385,7 @@ class OutputPump:
     def _publish(self) -> None:
         self._publish_pending = False  # before reading: a later change schedules again
         eof = self._eof_seen  # before the sizes: once EOF is seen, they are final
-        self.records, self.size, self.last = self._committed
+        self.records, self.size = self._committed
         self.discarded = self._discarded
         refusal = self._refusal
         if refusal is not None and self.refused is None:

@@ -5,15 +5,11 @@ neither wakes nor strands the others)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from pathlib import Path
 
-import pytest
-
 from jobworker.outlog import LogFiles, LogPaths
 from jobworker.output import OutputPump, PumpThread
-from jobworker.outread import Query, read_chunks
 from tests.conftest import wait_for
 
 
@@ -65,48 +61,5 @@ async def test_a_cancelled_waiter_leaves_the_others_waiting_and_then_woken(
         assert first.result() is None and third.result() is None
         os.close(out_w)
         assert await pump.wait_eof(5.0)
-    finally:
-        await pumps.close()
-
-
-async def test_a_follower_takes_each_new_record_from_the_publish_not_the_index_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Woken for a new record, a follower reads its bytes only: the record itself came with the
-    publish (one read of the index file fewer per wake-up, on the loop)."""
-    p = LogPaths(tmp_path / "j.log", tmp_path / "j.err", tmp_path / "j.idx")
-    out_r, out_w = os.pipe2(os.O_CLOEXEC)
-    index_reads: list[int] = []
-    real_pread = os.pread
-    pumps = PumpThread()
-    try:
-        pump = pumps.add(_files(tmp_path), out_r, None)
-        reader = read_chunks(p, pump, Query(follow=True))
-        os.write(out_w, b"0\n")
-        first = await anext(reader)
-        assert first.data == b"0\n"
-        index_fd = os.open(p.idx, os.O_RDONLY)
-        index_ino = os.fstat(index_fd).st_ino
-        os.close(index_fd)
-
-        def pread(fd: int, n: int, offset: int) -> bytes:
-            with contextlib.suppress(OSError):
-                if os.fstat(fd).st_ino == index_ino:
-                    index_reads.append(offset)
-            return real_pread(fd, n, offset)
-
-        monkeypatch.setattr(os, "pread", pread)
-        for i in range(1, 6):
-            nxt = asyncio.ensure_future(anext(reader))
-            await asyncio.sleep(0)
-            os.write(out_w, b"%d\n" % i)
-            chunk = await nxt
-            assert (chunk.offset, chunk.data) == (2 * i, b"%d\n" % i)
-        monkeypatch.undo()
-        assert index_reads == []
-        os.close(out_w)
-        assert await pump.wait_eof(5.0)
-        pump.finish()
-        assert [c async for c in reader] == []
     finally:
         await pumps.close()
