@@ -246,8 +246,7 @@ class OutputPump:
         self.closed = False
         """No byte will be added: the sources are drained and the job has ended
         (:meth:`finish`)."""
-        self._waiters: list[asyncio.Future[None]] | None = None
-        """One future per follower waiting in :meth:`changed`, woken by the publish itself."""
+        self._changed: asyncio.Future[None] | None = None
         self._eof: asyncio.Future[None] = self._loop.create_future()
 
     # -- pump thread -------------------------------------------------------------------------
@@ -397,27 +396,16 @@ class OutputPump:
         self._notify()
 
     def _notify(self) -> None:
-        waiters, self._waiters = self._waiters, None
-        for waiter in waiters or ():
-            if not waiter.done():
-                waiter.set_result(None)
+        if self._changed is not None:
+            if not self._changed.done():
+                self._changed.set_result(None)
+            self._changed = None
 
     async def changed(self) -> None:
-        """Wait for more bytes or the end of the output.
-
-        Each waiter awaits a future of its own, so the publish wakes its task directly (a
-        shared future behind :func:`asyncio.shield` cost one more loop iteration per wake-up:
-        follow latency) and a cancelled waiter cancels nobody else's."""
-        waiter = self._loop.create_future()
-        if self._waiters is None:
-            self._waiters = []
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if self._waiters is not None and waiter in self._waiters:
-                self._waiters.remove(waiter)
-            raise
+        """Wait for more bytes or the end of the output."""
+        if self._changed is None:
+            self._changed = self._loop.create_future()
+        await asyncio.shield(self._changed)
 
     async def wait_eof(self, timeout: float | None = None) -> bool:
         """Wait until every writer has closed the sources; ``False`` on timeout."""
