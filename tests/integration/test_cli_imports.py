@@ -107,25 +107,19 @@ main()
 """
 
 
-async def test_the_console_script_leaves_without_collecting_garbage(
-    daemon: Daemon, connect: Connect, pki_dir: Path
-) -> None:
-    """It ends the process without the interpreter's shutdown, so a full collection of all it
-    imported (what in-process callers of ``cli.main`` get) would be time thrown away."""
+async def status_through(daemon: Daemon, connect: Connect, pki_dir: Path, probe: str) -> bytes:
+    """Run ``worker status ID`` of an ended job of alice's through ``probe`` (a ``-c`` script
+    that runs the CLI with its arguments); its stderr, once it has printed the status."""
     client: Client = connect("alice")
     job = await client.start(["true"])
     await client.wait(job.id)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
+    args = ("--addr", f"127.0.0.1:{daemon.port}", "--pki", str(pki_dir), "--user", "alice")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        GC_PROBE,
-        "--addr",
-        f"127.0.0.1:{daemon.port}",
-        "--pki",
-        str(pki_dir),
-        "--user",
-        "alice",
+        probe,
+        *args,
         "status",
         job.id,
         stdout=asyncio.subprocess.PIPE,
@@ -135,6 +129,15 @@ async def test_the_console_script_leaves_without_collecting_garbage(
     out, err = await proc.communicate()
     assert proc.returncode == 0, err
     assert f"id:       {job.id}" in out.decode(), out
+    return err
+
+
+async def test_the_console_script_leaves_without_collecting_garbage(
+    daemon: Daemon, connect: Connect, pki_dir: Path
+) -> None:
+    """It ends the process without the interpreter's shutdown, so a full collection of all it
+    imported (what in-process callers of ``cli.main`` get) would be time thrown away."""
+    err = await status_through(daemon, connect, pki_dir, GC_PROBE)
     assert b"gc.collect" not in err
 
 
@@ -158,29 +161,7 @@ async def test_status_imports_without_collecting_garbage(
     """The imports of a one-shot command (the CLI's, then grpc's) make no garbage worth a
     collection: the collector waits. Measured before: 53 automatic collections during the
     CLI's imports alone; now a few (the RPC's own allocations may trip one)."""
-    client: Client = connect("alice")
-    job = await client.start(["true"])
-    await client.wait(job.id)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        COLLECTIONS_PROBE,
-        "--addr",
-        f"127.0.0.1:{daemon.port}",
-        "--pki",
-        str(pki_dir),
-        "--user",
-        "alice",
-        "status",
-        job.id,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err
-    assert f"id:       {job.id}" in out.decode(), out
+    err = await status_through(daemon, connect, pki_dir, COLLECTIONS_PROBE)
     found = re.search(rb"^collections (\d+)$", err, re.MULTILINE)
     assert found is not None, err
     collections = int(found.group(1))
