@@ -50,25 +50,23 @@ def _loaded(modules: list[str], name: str) -> bool:
     return any(m == name or m.startswith(name + ".") for m in modules)
 
 
-async def test_status_imports_nothing_it_does_not_use(
-    daemon: Daemon, connect: Connect, pki_dir: Path, tmp_path: Path
-) -> None:
+async def status_through(
+    daemon: Daemon, connect: Connect, pki_dir: Path, probe: str, *probe_args: str
+) -> bytes:
+    """Run ``worker status ID`` of an ended job of alice's through ``probe`` (a ``-c`` script
+    that takes ``probe_args``, then runs the CLI with the rest); its stderr, once it has
+    printed the status."""
     client: Client = connect("alice")
     job = await client.start(["true"])
     await client.wait(job.id)
-    report = tmp_path / "modules.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
+    args = ("--addr", f"127.0.0.1:{daemon.port}", "--pki", str(pki_dir), "--user", "alice")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        PROBE,
-        str(report),
-        "--addr",
-        f"127.0.0.1:{daemon.port}",
-        "--pki",
-        str(pki_dir),
-        "--user",
-        "alice",
+        probe,
+        *probe_args,
+        *args,
         "status",
         job.id,
         stdout=asyncio.subprocess.PIPE,
@@ -78,6 +76,14 @@ async def test_status_imports_nothing_it_does_not_use(
     out, err = await proc.communicate()
     assert proc.returncode == 0, err
     assert f"id:       {job.id}" in out.decode(), out
+    return err
+
+
+async def test_status_imports_nothing_it_does_not_use(
+    daemon: Daemon, connect: Connect, pki_dir: Path, tmp_path: Path
+) -> None:
+    report = tmp_path / "modules.json"
+    err = await status_through(daemon, connect, pki_dir, PROBE, str(report))
     result = json.loads(report.read_text())
     assert result["code"] == 0, err
     modules: list[str] = result["modules"]
@@ -105,31 +111,6 @@ from jobworker.client.cli import main
 sys.argv[0] = "worker"
 main()
 """
-
-
-async def status_through(daemon: Daemon, connect: Connect, pki_dir: Path, probe: str) -> bytes:
-    """Run ``worker status ID`` of an ended job of alice's through ``probe`` (a ``-c`` script
-    that runs the CLI with its arguments); its stderr, once it has printed the status."""
-    client: Client = connect("alice")
-    job = await client.start(["true"])
-    await client.wait(job.id)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
-    args = ("--addr", f"127.0.0.1:{daemon.port}", "--pki", str(pki_dir), "--user", "alice")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        probe,
-        *args,
-        "status",
-        job.id,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err
-    assert f"id:       {job.id}" in out.decode(), out
-    return err
 
 
 async def test_the_console_script_leaves_without_collecting_garbage(
