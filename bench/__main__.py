@@ -6,6 +6,8 @@ loopback, each figure beside a baseline measured in the same run.
     BENCH_ONLY=latency,start ...                # some sections only
     BENCH_PLOT_DIR=DIR ...                      # where the PNGs go (full run default: docs/)
     BENCH_PROFILE=DIR ...                       # py-spy the daemon in each section (see profile)
+    BENCH_CGROUP=NAME ...                       # the daemon's cgroup (default jobworker-bench)
+    BENCH_READ_CHUNK=N, BENCH_MMAP_THRESHOLD=N  # experiments (bench.common._workerd_command)
 
 Prints progress on stderr, then a table, then ONE line of JSON with every figure.
 """

@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 WRITER = Path(_writer.__file__).resolve()
 USER = "bench"
-CGROUP_NAME = "jobworker-bench"
+CGROUP_NAME = os.environ.get("BENCH_CGROUP", "jobworker-bench")
+"""The daemon's cgroup, under the bench's own (``BENCH_CGROUP``: two runs side by side)."""
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 60.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -182,16 +183,19 @@ def free_port() -> int:
 
 
 def _workerd_command() -> list[str]:
-    """``workerd``; with ``BENCH_READ_CHUNK=N`` (an experiment: what a larger read per Logs
-    message would give) the same entry point with the readers' chunk size patched to N."""
+    """``workerd``; with ``BENCH_READ_CHUNK=N`` or ``BENCH_MMAP_THRESHOLD=N`` (experiments:
+    what a larger read per Logs message, or another fixed mmap threshold, would give) the same
+    entry point with the readers' chunk size or the threshold patched to N."""
     chunk = os.environ.get("BENCH_READ_CHUNK")
-    if not chunk:
+    mmap = os.environ.get("BENCH_MMAP_THRESHOLD")
+    if not chunk and not mmap:
         return [str(BIN / "workerd")]
-    prelude = (
-        "import jobworker.outread as o; "
-        f"o.read_chunks.__defaults__ = ({int(chunk)},); "
-        "from jobworker.server.daemon import main; main()"
-    )
+    prelude = "import jobworker.outread as o, jobworker.server.heap as h; "
+    if chunk:
+        prelude += f"o.read_chunks.__defaults__ = ({int(chunk)},); "
+    if mmap:
+        prelude += f"h.map_large_blocks.__defaults__ = ({int(mmap)},); "
+    prelude += "from jobworker.server.cli import main; main()"
     return [sys.executable, "-c", prelude]
 
 
