@@ -2,8 +2,8 @@
 
     ticks N INTERVAL_MS GO_FILE      "ready", wait for GO_FILE, then N lines "SEQ MONOTONIC_NS"
     bytes N GO_FILE REPORT_FILE      "ready", wait for GO_FILE ("-": don't), then N bytes of a
-                                     pattern as fast as possible; the nanoseconds the writes took
-                                     go to REPORT_FILE ("-": nowhere)
+                                     pattern as fast as possible; the nanoseconds the writes took,
+                                     wall and CPU, go to REPORT_FILE ("-": nowhere)
     idle SECONDS                     "ready", then sleep
 
 The ``ready`` line lets the benchmark attach its followers before the measured output starts.
@@ -70,12 +70,14 @@ def main() -> None:
         plan = chunks(total)
         wait_go(go)
         t0 = time.monotonic_ns()
+        cpu0 = time.process_time_ns()
         for rotation, length in plan:
             write_all(1, doubled[rotation : rotation + length])
         elapsed = time.monotonic_ns() - t0
+        cpu = time.process_time_ns() - cpu0
         if report != "-":
             with open(report, "w") as f:
-                f.write(str(elapsed))
+                f.write(f"{elapsed} {cpu}")
     elif mode == "idle":
         time.sleep(float(sys.argv[2]))
     else:

@@ -94,14 +94,15 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--cgroup-name", default="jobworker-probe")
     p.add_argument("--mmap", action="store_true", help="fix the mmap threshold as workerd does")
+    p.add_argument("--mmap-threshold", type=int, help="... at this many bytes (with --mmap)")
     a = p.parse_args()
     if a.mmap:
-        from jobworker.server.heap import map_large_blocks
+        from jobworker.server.heap import MMAP_THRESHOLD, map_large_blocks
 
-        map_large_blocks()
+        map_large_blocks(a.mmap_threshold or MMAP_THRESHOLD)
     import jobworker
 
-    print(f"# {jobworker.__file__} mmap={a.mmap}", flush=True)
+    print(f"# {jobworker.__file__} mmap={a.mmap} threshold={a.mmap_threshold}", flush=True)
     asyncio.run(churn(a.jobs, a.retain, a.every, a.concurrency, a.cgroup_name))
 
 

@@ -134,7 +134,7 @@ async def run(
     settings: Settings, daemon: Workerd, log: Callable[[str], None]
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
     runs: dict[str, list[list[float]]] = {"client": [], "cli": [], "pipe": [], "bare": []}
-    async with bare_server(daemon.pki) as bare:
+    async with bare_server(daemon.pki) as (bare, _):
         for rep in range(settings.reps):
             runs["pipe"].append(await via_pipe(settings, daemon))
             runs["client"].append(await via_client(settings, daemon))

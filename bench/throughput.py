@@ -1,13 +1,21 @@
 """Throughput of one follower beside two baselines — a Python TLS 1.3 socket pair, and a bare
 grpc.aio stream with the same TLS (:mod:`bench._bare_server`: grpc's own ceiling, in messages of
 the daemon's read size and of 1 MiB) — and how fast a job can write its log (beside the same
-writer writing a file directly)."""
+writer writing a file directly).
+
+Beside the rates, the CPU each side spent per GiB (``*_cpu_s_per_gib``: the daemon, the
+client — this process —, the job; the bare server and its client): on a machine of few CPUs,
+their sum bounds the rate whatever the code does (``throughput_cpu_bound_mib_s``: all CPUs busy
+for the whole follow), and the bound against the bare stream is the ratio no scheduling could
+beat (``throughput_ratio_cpu_bound_vs_bare_grpc_1m``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -20,34 +28,65 @@ from pathlib import Path
 
 from bench import _writer
 from bench._followers import BareChannel
-from bench.common import ROOT, USER, Settings, Workerd, expected_output, go_file, median
+from bench.common import (
+    ROOT,
+    USER,
+    Settings,
+    Workerd,
+    expected_output,
+    go_file,
+    median,
+    proc_sample,
+)
 from jobworker.client import Client
 from jobworker.outread import READ_CHUNK
 
 MIB = 1 << 20
+GIB = 1 << 30
 BIG_CHUNK = MIB
 SOCK_BUF = 8 * MIB
 TIMEOUT = 600.0
 
 
-async def follow_once(client: Client, daemon: Workerd, total: int) -> float:
-    """MiB/s from the go signal to the last byte of a job writing ``total`` bytes."""
+def own_cpu_s() -> float:
+    """CPU seconds of this process so far (all its threads: the client and grpc's)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclasses.dataclass(frozen=True)
+class Follow:
+    """One follow: its rate, and the CPU seconds per GiB each side spent on it."""
+
+    mib_s: float
+    daemon_cpu: float
+    client_cpu: float
+    job_cpu: float
+
+
+async def follow_once(client: Client, daemon: Workerd, total: int) -> Follow:
+    """A follower of a job writing ``total`` bytes, from the go signal to the last byte."""
     size, _ = expected_output(total)
+    report = daemon.shared / "report-follow"
     with go_file(daemon.shared, "throughput") as go:
-        status = await client.start(daemon.writer("bytes", total, go, "-"))
+        status = await client.start(daemon.writer("bytes", total, go, report))
         received = 0
-        t0 = 0.0
+        t0 = daemon0 = client0 = 0.0
         async with asyncio.timeout(TIMEOUT):
             async for _, data in client.logs(status.id, follow=True):
                 if not received:
                     t0 = time.monotonic()
+                    daemon0, client0 = daemon.sample().cpu_s, own_cpu_s()
                     go.touch()
                 received += len(data)
         elapsed = time.monotonic() - t0
+        daemon_cpu, client_cpu = daemon.sample().cpu_s - daemon0, own_cpu_s() - client0
     daemon.drop_log(status.id)
     if received != size:
         raise SystemExit(f"bench: follower got {received} bytes, the job wrote {size}")
-    return (total / MIB) / elapsed
+    _, job_cpu = _report(report)
+    gib = total / GIB
+    return Follow((total / MIB) / elapsed, daemon_cpu / gib, client_cpu / gib, job_cpu / gib)
 
 
 def tls_contexts(pki: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
@@ -115,8 +154,8 @@ def tls_baseline(pki: Path, total: int) -> tuple[float, str]:
 
 
 @contextlib.asynccontextmanager
-async def bare_server(pki: Path) -> AsyncIterator[BareChannel]:
-    """:mod:`bench._bare_server` in a process of its own, and a channel to it."""
+async def bare_server(pki: Path) -> AsyncIterator[tuple[BareChannel, int]]:
+    """:mod:`bench._bare_server` in a process of its own, a channel to it, and its pid."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench._bare_server", str(pki)],
         cwd=ROOT,
@@ -128,7 +167,7 @@ async def bare_server(pki: Path) -> AsyncIterator[BareChannel]:
         port = int(await asyncio.to_thread(proc.stdout.readline))
         bare = BareChannel(f"127.0.0.1:{port}", pki, USER)
         try:
-            yield bare
+            yield bare, proc.pid
         finally:
             await bare.close()
     finally:
@@ -140,23 +179,30 @@ async def bare_server(pki: Path) -> AsyncIterator[BareChannel]:
             proc.wait()
 
 
-async def bare_stream(bare: BareChannel, total: int, chunk: int) -> float:
-    """MiB/s of ``total`` bytes in ``chunk``-byte messages from the bare grpc.aio server."""
+async def bare_stream(
+    bare: BareChannel, server_pid: int, total: int, chunk: int
+) -> tuple[float, float, float]:
+    """MiB/s of ``total`` bytes in ``chunk``-byte messages from the bare grpc.aio server, and
+    the CPU seconds per GiB it and this client spent."""
     received = 0
+    server0, client0 = proc_sample(server_pid).cpu_s, own_cpu_s()
     t0 = time.monotonic()
     async with asyncio.timeout(TIMEOUT):
         async for data in bare.stream(f"{total}:{chunk}"):
             received += len(data)
     elapsed = time.monotonic() - t0
+    server, client = proc_sample(server_pid).cpu_s - server0, own_cpu_s() - client0
     if received != total:
         raise SystemExit(f"bench: bare grpc stream got {received} of {total} bytes")
-    return (total / MIB) / elapsed
+    gib = total / GIB
+    return (total / MIB) / elapsed, server / gib, client / gib
 
 
-def _report(path: Path) -> float:
-    ns = int(path.read_text())
+def _report(path: Path) -> tuple[float, float]:
+    """The writer's report: the seconds its writes took, wall and CPU."""
+    wall_ns, cpu_ns = path.read_text().split()
     path.unlink()
-    return ns / 1e9
+    return int(wall_ns) / 1e9, int(cpu_ns) / 1e9
 
 
 async def write_to_log(client: Client, daemon: Workerd, total: int) -> float:
@@ -166,7 +212,7 @@ async def write_to_log(client: Client, daemon: Workerd, total: int) -> float:
     async with asyncio.timeout(TIMEOUT):
         await client.wait(status.id)
     daemon.drop_log(status.id)
-    return (total / MIB) / _report(report)
+    return (total / MIB) / _report(report)[0]
 
 
 def write_to_file(daemon: Workerd, total: int) -> float:
@@ -185,35 +231,50 @@ def write_to_file(daemon: Workerd, total: int) -> float:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(target)
-    return (total / MIB) / _report(report)
+    return (total / MIB) / _report(report)[0]
 
 
 async def run(
     settings: Settings, daemon: Workerd, log: Callable[[str], None]
 ) -> dict[str, float | str]:
     total = settings.throughput_bytes
-    follow: list[float] = []
+    follows: list[Follow] = []
     tls: list[float] = []
     to_log: list[float] = []
     to_file: list[float] = []
     bare_small: list[float] = []
     bare_big: list[float] = []
+    bare_cpu: dict[str, list[float]] = {"small": [], "big": [], "server": [], "client": []}
     cipher = ""
-    async with daemon.client() as client, bare_server(daemon.pki) as bare:
+    async with daemon.client() as client, bare_server(daemon.pki) as (bare, bare_pid):
         for rep in range(settings.heavy_reps):
-            follow.append(await follow_once(client, daemon, total))
+            follows.append(await follow_once(client, daemon, total))
             rate, cipher = await asyncio.to_thread(tls_baseline, daemon.pki, total)
             tls.append(rate)
-            bare_small.append(await bare_stream(bare, total, READ_CHUNK))
-            bare_big.append(await bare_stream(bare, total, BIG_CHUNK))
+            rate, server, client_cpu = await bare_stream(bare, bare_pid, total, READ_CHUNK)
+            bare_small.append(rate)
+            bare_cpu["small"].append(server + client_cpu)
+            rate, server, client_cpu = await bare_stream(bare, bare_pid, total, BIG_CHUNK)
+            bare_big.append(rate)
+            bare_cpu["big"].append(server + client_cpu)
+            bare_cpu["server"].append(server)
+            bare_cpu["client"].append(client_cpu)
             to_log.append(await write_to_log(client, daemon, total))
             to_file.append(await asyncio.to_thread(write_to_file, daemon, total))
+            f = follows[-1]
             log(
-                f"throughput rep {rep + 1}: follower {follow[-1]:.0f} MiB/s, TLS {tls[-1]:.0f} "
-                f"MiB/s, bare grpc {bare_small[-1]:.0f} MiB/s ({READ_CHUNK // 1024} KiB messages) "
-                f"{bare_big[-1]:.0f} MiB/s (1 MiB); job writes log {to_log[-1]:.0f} MiB/s, "
+                f"throughput rep {rep + 1}: follower {f.mib_s:.0f} MiB/s (CPU s/GiB: daemon "
+                f"{f.daemon_cpu:.2f}, client {f.client_cpu:.2f}, job {f.job_cpu:.2f}), "
+                f"TLS {tls[-1]:.0f} MiB/s, bare grpc {bare_small[-1]:.0f} MiB/s "
+                f"({READ_CHUNK // 1024} KiB messages, {bare_cpu['small'][-1]:.2f} CPU s/GiB) "
+                f"{bare_big[-1]:.0f} MiB/s (1 MiB, {bare_cpu['big'][-1]:.2f}); "
+                f"job writes log {to_log[-1]:.0f} MiB/s, "
                 f"file {to_file[-1]:.0f} MiB/s"
             )
+    follow = [f.mib_s for f in follows]
+    cpus = os.cpu_count() or 1
+    # All CPUs busy for the whole follow: the most a follow could do at what it spends.
+    bound = [cpus * 1024 / (f.daemon_cpu + f.client_cpu + f.job_cpu) for f in follows]
     out: dict[str, float | str] = {
         "throughput_bytes": float(total),
         "throughput_mib_s": median(follow),
@@ -228,5 +289,16 @@ async def run(
         "job_write_log_mib_s": median(to_log),
         "job_write_file_mib_s": median(to_file),
         "job_write_ratio_vs_file": median([a / b for a, b in zip(to_log, to_file, strict=True)]),
+        "throughput_daemon_cpu_s_per_gib": median([f.daemon_cpu for f in follows]),
+        "throughput_client_cpu_s_per_gib": median([f.client_cpu for f in follows]),
+        "throughput_job_cpu_s_per_gib": median([f.job_cpu for f in follows]),
+        "grpc_bare_64k_cpu_s_per_gib": median(bare_cpu["small"]),
+        "grpc_bare_1m_cpu_s_per_gib": median(bare_cpu["big"]),
+        "grpc_bare_1m_server_cpu_s_per_gib": median(bare_cpu["server"]),
+        "grpc_bare_1m_client_cpu_s_per_gib": median(bare_cpu["client"]),
+        "throughput_cpu_bound_mib_s": median(bound),
+        "throughput_ratio_cpu_bound_vs_bare_grpc_1m": median(
+            [b / g for b, g in zip(bound, bare_big, strict=True)]
+        ),
     }
     return out
