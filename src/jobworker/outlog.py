@@ -140,10 +140,15 @@ class Index:
         self._block = -1
         self._valid = 0
         self._data = b""
+        self.newest: Run | None = None
+        """Record ``count - 1`` when known without reading the file (a running job's pump
+        publishes it with the count): set it together with ``count``."""
 
     def get(self, i: int) -> Run:
         if self._legacy is not None:
             return self._legacy
+        if i == self.count - 1 and self.newest is not None:
+            return self.newest
         block, at = divmod(i, BLOCK_RECORDS)
         # Only records below the count when the block was read are trusted: the file goes on
         # past them (zeros allocated ahead, records written since).

@@ -230,8 +230,9 @@ class OutputPump:
         self._last_time = 0
         self._allocated = 0
         """Bytes of the index file allocated (its records come first, zeros after)."""
-        self._committed = (0, 0)
-        """(records, bytes) as one value: a publish never sees bytes without their record."""
+        self._committed: tuple[int, int, Run | None] = (0, 0, None)
+        """(records, bytes, the last record) as one value: a publish never sees bytes without
+        their record."""
         self._discarded = 0
         self._refusal: str | None = None
         self._eof_seen = False
@@ -241,12 +242,16 @@ class OutputPump:
         """Bytes of both streams in the logs, as far as readers may read."""
         self.records = 0
         """Records of the index readers may read."""
+        self.last: Run | None = None
+        """The last of them (``None`` before the first): a follower woken for a new record
+        takes it from here, not from the index file."""
         self.discarded = 0
         self.refused: str | None = None
         self.closed = False
         """No byte will be added: the sources are drained and the job has ended
         (:meth:`finish`)."""
-        self._changed: asyncio.Future[None] | None = None
+        self._waiters: list[asyncio.Future[None]] | None = None
+        """One future per follower waiting in :meth:`changed`, woken by the publish itself."""
         self._eof: asyncio.Future[None] = self._loop.create_future()
 
     # -- pump thread -------------------------------------------------------------------------
@@ -352,7 +357,7 @@ class OutputPump:
             self._out += n
         else:
             self._err += n
-        self._committed = (self._records, self._out + self._err)
+        self._committed = (self._records, self._out + self._err, run)
 
     def _end_source(self, src: _Source) -> None:
         src.closed = True
@@ -384,7 +389,7 @@ class OutputPump:
     def _publish(self) -> None:
         self._publish_pending = False  # before reading: a later change schedules again
         eof = self._eof_seen  # before the sizes: once EOF is seen, they are final
-        self.records, self.size = self._committed
+        self.records, self.size, self.last = self._committed
         self.discarded = self._discarded
         refusal = self._refusal
         if refusal is not None and self.refused is None:
@@ -396,16 +401,27 @@ class OutputPump:
         self._notify()
 
     def _notify(self) -> None:
-        if self._changed is not None:
-            if not self._changed.done():
-                self._changed.set_result(None)
-            self._changed = None
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def changed(self) -> None:
-        """Wait for more bytes or the end of the output."""
-        if self._changed is None:
-            self._changed = self._loop.create_future()
-        await asyncio.shield(self._changed)
+        """Wait for more bytes or the end of the output.
+
+        Each waiter awaits a future of its own, so the publish wakes its task directly (a
+        shared future behind :func:`asyncio.shield` cost one more loop iteration per wake-up:
+        follow latency) and a cancelled waiter cancels nobody else's."""
+        waiter = self._loop.create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
 
     async def wait_eof(self, timeout: float | None = None) -> bool:
         """Wait until every writer has closed the sources; ``False`` on timeout."""

@@ -97,7 +97,7 @@ async def read_chunks(
         while True:
             ended = done()  # before the count: once ended, the count is final
             if pump is not None:
-                index.count = pump.records
+                index.count, index.newest = pump.records, pump.last
             if i < index.count:
                 run = index.get(i)
                 if query.since_us is not None and run.time_us < query.since_us:
