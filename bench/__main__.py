@@ -95,6 +95,13 @@ GOALS: tuple[tuple[str, str, Callable[[float], bool] | None, str | None, str], .
     ("throughput_mib_s", "", None, "grpc_bare_64k_mib_s", "  vs bare grpc, 64 KiB msgs"),
     ("grpc_bare_1m_mib_s", "", None, "grpc_bare_64k_mib_s", "bare grpc 1 MiB vs 64 KiB"),
     (
+        "grpc_bare_1m_cold_mib_s",
+        "",
+        None,
+        "grpc_bare_1m_mib_s",
+        "bare grpc 1 MiB distinct vs same",
+    ),
+    (
         "throughput_ratio_vs_bare_grpc_1m",
         ">= 0.8",
         lambda v: v >= 0.8,
@@ -126,6 +133,7 @@ GOALS: tuple[tuple[str, str, Callable[[float], bool] | None, str | None, str], .
     ("throughput_job_cpu_s_per_gib", "", None, None, "  job CPU s/GiB written"),
     ("grpc_bare_64k_cpu_s_per_gib", "", None, None, "  bare grpc 124 KiB CPU s/GiB"),
     ("grpc_bare_1m_cpu_s_per_gib", "", None, None, "  bare grpc 1 MiB CPU s/GiB"),
+    ("grpc_bare_1m_cold_cpu_s_per_gib", "", None, None, "  ... distinct messages"),
     ("fanout_1_aggregate_mib_s", "", None, None, "fan-out 1: aggregate MiB/s"),
     ("fanout_10_aggregate_mib_s", "", None, None, "fan-out 10: aggregate MiB/s"),
     ("fanout_10_per_follower_mib_s", "", None, None, "fan-out 10: per follower MiB/s"),

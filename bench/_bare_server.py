@@ -9,7 +9,11 @@ Prints its port. Methods (raw bytes, no protobuf):
     sends ``ready`` then waits until the client cancels (an idle follower).
 ``/bench.Bare/Stream``
     request: ``N`` or ``N:CHUNK`` (decimal); sends N bytes of zeros in messages of CHUNK bytes
-    (default: the daemon's read size, :data:`jobworker.outread.READ_CHUNK`).
+    (default: the daemon's read size, :data:`jobworker.outread.READ_CHUNK`): the same message
+    every time, so its bytes stay in the CPU's caches. ``N:CHUNK:cold`` sends distinct
+    messages instead, cycling through :data:`COLD_BYTES` of them, made at start-up (past the
+    caches, as every byte a daemon sends is new to them; CHUNK must be one of
+    :data:`COLD_SIZES`).
 ``/bench.Bare/Ticks``
     request: ``N:INTERVAL_MS``; sends ``ready`` then N lines ``SEQ MONOTONIC_NS``, one message
     per line, INTERVAL_MS apart (the latency benchmark's writer, stamped as it is yielded): the
@@ -25,6 +29,7 @@ from grpc import aio
 
 # isort: on
 import asyncio
+import os
 import signal
 import sys
 import time
@@ -41,15 +46,29 @@ async def idle(request: bytes, context: aio.ServicerContext[bytes, bytes]) -> As
     await asyncio.Event().wait()
 
 
+COLD_BYTES = 64 << 20
+"""Distinct bytes a ``cold`` stream cycles through (past this machine's CPU caches)."""
+COLD_SIZES = (READ_CHUNK, 1 << 20)
+_cold: dict[int, list[bytes]] = {}
+
+
+def _make_cold() -> None:
+    for size in COLD_SIZES:
+        _cold[size] = [os.urandom(size) for _ in range(COLD_BYTES // size)]
+
+
 async def stream(
     request: bytes, context: aio.ServicerContext[bytes, bytes]
 ) -> AsyncIterator[bytes]:
-    total, _, size = request.decode().partition(":")
+    total, _, rest = request.decode().partition(":")
+    size, _, mode = rest.partition(":")
     left, step = int(total), int(size or READ_CHUNK)
-    chunk = bytes(step)
+    chunks = _cold[step] if mode == "cold" else [bytes(step)]
+    i = 0
     while left > 0:
         n = min(left, step)
-        yield chunk[:n]
+        yield chunks[i][:n]
+        i = (i + 1) % len(chunks)
         left -= n
 
 
@@ -77,6 +96,7 @@ async def main(pki: Path) -> None:
         [(material.key, material.cert)], root_certificates=material.ca, require_client_auth=True
     )
     port = server.add_secure_port("127.0.0.1:0", credentials)
+    _make_cold()
     await server.start()
     print(port, flush=True)
     stop = asyncio.Event()

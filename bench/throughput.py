@@ -180,15 +180,16 @@ async def bare_server(pki: Path) -> AsyncIterator[tuple[BareChannel, int]]:
 
 
 async def bare_stream(
-    bare: BareChannel, server_pid: int, total: int, chunk: int
+    bare: BareChannel, server_pid: int, total: int, chunk: int, cold: bool = False
 ) -> tuple[float, float, float]:
     """MiB/s of ``total`` bytes in ``chunk``-byte messages from the bare grpc.aio server, and
-    the CPU seconds per GiB it and this client spent."""
+    the CPU seconds per GiB it and this client spent. ``cold``: distinct messages, not the
+    same one over and over (see :mod:`bench._bare_server`)."""
     received = 0
     server0, client0 = proc_sample(server_pid).cpu_s, own_cpu_s()
     t0 = time.monotonic()
     async with asyncio.timeout(TIMEOUT):
-        async for data in bare.stream(f"{total}:{chunk}"):
+        async for data in bare.stream(f"{total}:{chunk}" + (":cold" if cold else "")):
             received += len(data)
     elapsed = time.monotonic() - t0
     server, client = proc_sample(server_pid).cpu_s - server0, own_cpu_s() - client0
@@ -244,7 +245,14 @@ async def run(
     to_file: list[float] = []
     bare_small: list[float] = []
     bare_big: list[float] = []
-    bare_cpu: dict[str, list[float]] = {"small": [], "big": [], "server": [], "client": []}
+    bare_cold: list[float] = []
+    bare_cpu: dict[str, list[float]] = {
+        "small": [],
+        "big": [],
+        "server": [],
+        "client": [],
+        "cold": [],
+    }
     cipher = ""
     async with daemon.client() as client, bare_server(daemon.pki) as (bare, bare_pid):
         for rep in range(settings.heavy_reps):
@@ -259,6 +267,9 @@ async def run(
             bare_cpu["big"].append(server + client_cpu)
             bare_cpu["server"].append(server)
             bare_cpu["client"].append(client_cpu)
+            rate, server, client_cpu = await bare_stream(bare, bare_pid, total, BIG_CHUNK, True)
+            bare_cold.append(rate)
+            bare_cpu["cold"].append(server + client_cpu)
             to_log.append(await write_to_log(client, daemon, total))
             to_file.append(await asyncio.to_thread(write_to_file, daemon, total))
             f = follows[-1]
@@ -267,7 +278,8 @@ async def run(
                 f"{f.daemon_cpu:.2f}, client {f.client_cpu:.2f}, job {f.job_cpu:.2f}), "
                 f"TLS {tls[-1]:.0f} MiB/s, bare grpc {bare_small[-1]:.0f} MiB/s "
                 f"({READ_CHUNK // 1024} KiB messages, {bare_cpu['small'][-1]:.2f} CPU s/GiB) "
-                f"{bare_big[-1]:.0f} MiB/s (1 MiB, {bare_cpu['big'][-1]:.2f}); "
+                f"{bare_big[-1]:.0f} MiB/s (1 MiB, {bare_cpu['big'][-1]:.2f}), "
+                f"{bare_cold[-1]:.0f} MiB/s (1 MiB distinct, {bare_cpu['cold'][-1]:.2f}); "
                 f"job writes log {to_log[-1]:.0f} MiB/s, "
                 f"file {to_file[-1]:.0f} MiB/s"
             )
@@ -294,6 +306,8 @@ async def run(
         "throughput_job_cpu_s_per_gib": median([f.job_cpu for f in follows]),
         "grpc_bare_64k_cpu_s_per_gib": median(bare_cpu["small"]),
         "grpc_bare_1m_cpu_s_per_gib": median(bare_cpu["big"]),
+        "grpc_bare_1m_cold_mib_s": median(bare_cold),
+        "grpc_bare_1m_cold_cpu_s_per_gib": median(bare_cpu["cold"]),
         "grpc_bare_1m_server_cpu_s_per_gib": median(bare_cpu["server"]),
         "grpc_bare_1m_client_cpu_s_per_gib": median(bare_cpu["client"]),
         "throughput_cpu_bound_mib_s": median(bound),
