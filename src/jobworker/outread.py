@@ -9,10 +9,13 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jobworker.errors import HostError, InvalidArgument
 from jobworker.outlog import RECORD, Chunk, Index, LogPaths, Run, Stream, tail_start
-from jobworker.output import OutputPump
+
+if TYPE_CHECKING:  # the client reads Query from here, without the daemon's pump
+    from jobworker.output import OutputPump
 
 READ_CHUNK = 124 * 1024
 """Most bytes per read (and so per Logs message): fewer, larger messages cost the daemon less

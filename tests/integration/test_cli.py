@@ -409,6 +409,45 @@ async def test_shell_completion(W: Worker) -> None:
     assert f"plain,{job}" in ids.stdout.splitlines()
 
 
+async def test_help_lists_every_command_though_each_is_imported_when_used(W: Worker) -> None:
+    """The root group names its commands (app.COMMANDS) and imports one when it runs; the
+    help and the group's own listing must still show all of them, with their help lines."""
+    from jobworker.client.cli.app import COMMANDS
+
+    expected = {
+        "attach",
+        "certs",
+        "completion",
+        "hosts",
+        "list",
+        "logs",
+        "rm",
+        "run",
+        "start",
+        "status",
+        "stop",
+        "wait",
+    }
+    assert set(COMMANDS) == expected
+    result = await W("--help")
+    assert result.exit_code == 0, result.stderr
+    listed = result.stdout.partition("Commands:")[2].partition("Exit codes:")[0]
+    names = {line.split()[0] for line in listed.splitlines() if line.strip()}
+    assert names == expected, result.stdout
+    ctx = cli.make_context("worker", ["--help"], resilient_parsing=True)
+    for name in sorted(expected):
+        command = cli.get_command(ctx, name)
+        assert command is not None and command.name == name, name
+        assert command.get_short_help_str(), name
+    # a subcommand of a lazily imported group, defined apart from the fleet's module
+    certs = await W("certs", "--help")
+    assert {"host", "init", "renew", "revoke"} <= set(certs.stdout.split()), certs.stdout
+    # the fleet's additions to the job commands are there whichever way they are reached
+    for verb in ("start", "run"):
+        assert "--on SELECTOR" in (await W(verb, "--help")).stdout, verb
+    assert "With --fleet" in (await W("list", "--help")).stdout
+
+
 # -- errors: one line on stderr, a distinct exit code ---------------------------------------
 
 
@@ -514,6 +553,10 @@ async def test_error_limit_the_host_cannot_enforce(W: Worker, daemon: Daemon) ->
         (["start"], "Missing argument"),
         (["status"], "Missing argument 'ID'"),
         (["-f", "status", "x"], "applies to `logs` only"),
+        # fleet ids are routed by each command (control.route), without --fleet refused
+        (["status", "host-a/x"], "the fleet job id host-a/x needs --fleet"),
+        (["rm", "host-a/y", "x"], "the fleet job id host-a/y needs --fleet"),
+        (["stop", "a b/x"], "is not a fleet job id"),
         (["list", "--bogus"], "No such option"),
         (["nonsense"], "No such command"),
     ],

@@ -1,6 +1,6 @@
 """What ``worker status ID`` imports: the hot path of every one-shot command must not pay for
-the modules of other commands (the fleet's etcd client, the terminal, shell completion) nor
-for cryptography (issue 15: the CLI's start-up time is mostly imports)."""
+the modules of other commands (their own modules, the fleet's etcd client, the terminal, shell
+completion) nor for cryptography (issue 15: the CLI's start-up time is mostly imports)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,16 @@ NOT_ON_THE_HOT_PATH = (
     "jobworker.client.issuing",  # certs
     "jobworker.client.pki",
     "getpass",  # the login name is looked up only without --user (the probe gives one)
+    # The other commands' modules: each is imported when its command runs (app.COMMANDS).
+    "jobworker.client.cli.jobs",  # start and run: their options, limits parsing
+    "jobworker.client.cli.fleet_run",
+    "jobworker.client.cli.fleet",
+    "jobworker.client.cli.attach",
+    "jobworker.client.cli.certs",
+    "jobworker.client.cli.completion",
+    "jobworker.client.cli.stamps",  # logs --timestamps, --since
+    # The daemon's pump (threads, select): the client needs Query from outread, not this.
+    "jobworker.output",
 )
 
 

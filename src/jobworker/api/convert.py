@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -13,8 +14,11 @@ from jobworker.api.proto import pb
 from jobworker.errors import InvalidArgument
 from jobworker.limits import IOLimit, Limits
 from jobworker.outlog import Chunk, Stream
-from jobworker.outread import Query
 from jobworker.spec import JobState, JobStatus, Network, TerminalSize, Usage
+
+if TYPE_CHECKING:
+    # The readers' module is the daemon's; the client only builds requests from a Query.
+    from jobworker.outread import Query
 
 _STATES: dict[JobState, pb.JobState.ValueType] = {
     JobState.RUNNING: pb.JOB_STATE_RUNNING,
@@ -263,6 +267,8 @@ def logs_request_to_pb(job_id: str, query: Query) -> pb.LogsRequest:
 
 def query_from_pb(request: pb.LogsRequest) -> Query:
     """Raises :class:`InvalidArgument` for a stream that is not one."""
+    from jobworker.outread import Query
+
     since = None
     if request.HasField("since"):
         since = request.since.seconds * 1_000_000 + request.since.nanos // 1000

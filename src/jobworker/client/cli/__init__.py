@@ -10,10 +10,12 @@ signal N ended it), so for them a code in the 64-78 range may also be the job's:
 must tell the two apart read ``worker status --json``.
 
 One module per job: :mod:`.settings` (options, PKI lookup), :mod:`.session` (the reconnecting
-connection), :mod:`.render` (text and JSON), :mod:`.group` (failures to exit codes),
-:mod:`.exits` (the codes), :mod:`.app` (the root command), :mod:`.jobs`, :mod:`.certs` and
+connection), :mod:`.render` (text and JSON), :mod:`.group` (failures to exit codes, commands
+imported when used), :mod:`.exits` (the codes), :mod:`.app` (the root command and where each
+command is), :mod:`.control`, :mod:`.jobs`, :mod:`.attach`, :mod:`.certs` and
 :mod:`.completion` (the commands); :mod:`.fleet` and :mod:`.fleet_run` add the fleet
-(docs/fleet.md) to them.
+(docs/fleet.md) to them. A command imports only its own module: ``worker status`` does not
+load start's options, the terminal or the fleet.
 """
 
 from __future__ import annotations
@@ -23,16 +25,8 @@ from typing import NoReturn
 from jobworker.client.cli.imports import collector_paused
 
 with collector_paused(freeze=True):
-    from jobworker.client.cli import fleet as _fleet  # noqa: F401 - fleet commands, HOST/ID
-    from jobworker.client.cli import fleet_run as _fleet_run  # noqa: F401 - start/run --on
-    from jobworker.client.cli import jobs as _jobs  # noqa: F401 - registers the job commands
     from jobworker.client.cli.app import cli
-    from jobworker.client.cli.certs import certs
-    from jobworker.client.cli.completion import completion
     from jobworker.client.cli.exits import PROG, Exit, leave
-
-cli.add_command(certs)
-cli.add_command(completion)
 
 
 def main() -> NoReturn:

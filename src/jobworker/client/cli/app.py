@@ -1,4 +1,5 @@
-"""The root ``worker`` command: its connection options, which every command reads."""
+"""The root ``worker`` command: its connection options, which every command reads, and where
+each command is defined (imported when it runs: :class:`~.group.WorkerGroup`)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,27 @@ from jobworker.client.cli.settings import (
     Settings,
 )
 
+COMMANDS = {
+    "attach": "attach:attach",
+    "certs": "certs:certs",
+    "completion": "completion:completion",
+    "hosts": "fleet:hosts",
+    "list": "control:list_",
+    "logs": "control:logs",
+    "rm": "control:rm",
+    # start and run as jobs defines them, with the fleet's --on added by fleet_run
+    "run": "fleet_run:run",
+    "start": "fleet_run:start",
+    "status": "control:status",
+    "stop": "control:stop",
+    "wait": "control:wait",
+}
+"""Every subcommand of ``worker``, by where it is defined (``MODULE:ATTRIBUTE``)."""
+
 
 @click.group(
     cls=WorkerGroup,
+    lazy=COMMANDS,
     context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
     epilog=EXIT_CODES_HELP,
 )

@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from jobworker.client.cli.app import cli
-from jobworker.client.cli.completion import JOB_ID
+from jobworker.client.cli.control import JOB_ID
 from jobworker.client.cli.exits import CommandExit, Exit, finish, warn
 from jobworker.client.cli.session import Session, follow_output, remote, wait_for_end
 from jobworker.client.cli.settings import settings_of
@@ -33,7 +32,7 @@ if TYPE_CHECKING:
     from jobworker.client.attaching import Attachment
 
 # The terminal's modules (termios) are imported by the commands that type into a job, when
-# they do: every other command imports this module too, to register its options.
+# they do: start and run import this module too (run -i and -t are here).
 
 
 class Detached(Exception):
@@ -183,7 +182,7 @@ def detached_exit(job_id: str) -> CommandExit:
     )
 
 
-@cli.command()
+@click.command()
 @JOB_ID
 @click.pass_context
 def attach(ctx: click.Context, job_id: str) -> None:

@@ -1,4 +1,5 @@
-"""``worker certs``: make the CA, the server's and users' certificates, offline."""
+"""``worker certs``: make the CA, the server's and users' certificates, offline (and a fleet
+host's: ``certs host``, docs/fleet.md)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import click
 
 from jobworker.client.cli.exits import CommandExit, Exit
 from jobworker.client.cli.settings import default_pki_dirs
+from jobworker.errors import InvalidArgument
 
 
 @click.group()
@@ -139,3 +141,42 @@ def certs_renew(name: str, directory: Path) -> None:
         f"{name}: {pair.cert.name}, {pair.key.name} renewed (serial {cert.serial_number:#x}), "
         f"valid until {cert.not_valid_after_utc:%Y-%m-%d}"
     )
+
+
+@certs.command(name="host")
+@click.argument("name")
+@click.option(
+    "--san",
+    multiple=True,
+    metavar="NAME",
+    help="Another DNS name or IP the certificate names (the address in --advertise); repeatable.",
+)
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="The PKI (from `worker certs init`) whose CA signs it.",
+)
+def certs_host(name: str, san: tuple[str, ...], directory: Path) -> None:
+    """A server certificate for fleet host NAME, in DIR/hosts/NAME/ (ca.pem, server.pem,
+    server-key.pem): `workerd --pki DIR/hosts/NAME --fleet URL --name NAME ...`.
+
+    NAME is always among its names (clients check it); localhost, 127.0.0.1 and ::1 too.
+    """
+    from jobworker.api.fleet import check_name
+    from jobworker.client.pki import PkiError, issue_server, load_ca, write_pair
+
+    try:
+        check_name(name)
+        ca_cert, ca_key = load_ca(directory)
+        out = directory / "hosts" / name
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        cert, key = issue_server(ca_cert, ca_key, (name, *san))
+        write_pair(out, "server", cert, key)
+        (out / "ca.pem").write_bytes((directory / "ca.pem").read_bytes())
+    except (PkiError, InvalidArgument) as e:
+        raise CommandExit(Exit.CONFIG, str(e)) from e
+    except OSError as e:
+        raise CommandExit(Exit.CONFIG, f"cannot write the certificate of {name}: {e}") from e
+    click.echo(str(out))

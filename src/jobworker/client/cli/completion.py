@@ -1,4 +1,5 @@
-"""Shell completion: job ids asked from the daemon, and the ``completion`` command."""
+"""Shell completion: job ids asked from the daemon (the commands' ``ID`` arguments,
+:data:`.control.JOB_ID`, import this when the shell asks), and the ``completion`` command."""
 
 from __future__ import annotations
 
@@ -44,9 +45,6 @@ def complete_job_ids(
         for s in jobs
         if s.id.startswith(incomplete)
     ]
-
-
-JOB_ID = click.argument("job_id", metavar="ID", shell_complete=complete_job_ids)
 
 
 @click.command()

@@ -1,28 +1,23 @@
-"""The fleet commands (docs/fleet.md): ``hosts``, ``--on`` for ``start`` and ``run``, the merged
-``list``, ``HOST/ID`` job ids for ``status``, ``logs``, ``wait``, ``stop`` and ``rm``, and
-``certs host``.
+"""The fleet (docs/fleet.md): the ``hosts`` command, the merged ``list --fleet``
+(:func:`fleet_list`), and how the other fleet code reaches etcd (:func:`fleet_remote`).
 
-The job commands themselves live in :mod:`.jobs`; this module adds the fleet to them from the
-outside (an option, and a callback that routes or fans out before calling the original), so
-without ``--fleet`` and fleet ids they behave exactly as before.
+The job commands themselves live in :mod:`.control` and :mod:`.jobs`: ``HOST/ID`` job ids are
+routed by :func:`.control.route`, ``--on`` is added to ``start`` and ``run`` by
+:mod:`.fleet_run`, ``certs host`` is in :mod:`.certs`. Each imports this module only when the
+fleet is used.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import shlex
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from jobworker import tls
-from jobworker.client.cli import jobs as _jobs  # noqa: F401 - registers what is wrapped here
-from jobworker.client.cli.app import cli
-from jobworker.client.cli.certs import certs
 from jobworker.client.cli.exits import CommandExit, Exit, error_exit, warn
 from jobworker.client.cli.render import _safe, _short_exit, _time, echo_json, status_json
 from jobworker.client.cli.session import run_sync
@@ -121,7 +116,7 @@ def host_json(h: Host) -> dict[str, Any]:
     }
 
 
-@cli.command()
+@click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @click.pass_context
 def hosts(ctx: click.Context, as_json: bool) -> None:
@@ -155,91 +150,7 @@ def hosts(ctx: click.Context, as_json: bool) -> None:
     click.echo(table(header, rows))
 
 
-# -- routing: HOST/ID ------------------------------------------------------------------------
-
-
-def route(ctx: click.Context, fleet_id: str) -> str:
-    """For a fleet id, point the command's settings at its host and return the job's own id;
-    a plain id is returned as it is (the command goes to --addr)."""
-    if "/" not in fleet_id:  # a plain id (the fleet's module is not needed to tell)
-        return fleet_id
-    from jobworker.api.fleet import split_fleet_id
-
-    try:
-        parts = split_fleet_id(fleet_id)
-    except InvalidArgument as e:
-        raise click.BadParameter(str(e)) from e
-    if parts is None:
-        return fleet_id
-    name, job_id = parts
-    settings = settings_of(ctx)
-    need_fleet(settings, f"the fleet job id {fleet_id}")
-
-    async def find(fleet: Fleet) -> Host:
-        try:
-            return await fleet.host(name)
-        except LookupError:
-            raise CommandExit(
-                Exit.NOT_FOUND, f"host {name!r} is not in the fleet (`worker hosts` lists them)"
-            ) from None
-
-    host = fleet_remote(settings, find)
-    ctx.obj = dataclasses.replace(settings, addr=host.record.advertise, server_name=name)
-    return job_id
-
-
-def _wrap(name: str, param: str) -> None:
-    command = cli.commands[name]
-    original = command.callback
-    assert original is not None
-
-    def callback(**kwargs: Any) -> Any:
-        ctx = click.get_current_context()
-        value = kwargs[param]
-        if isinstance(value, str):
-            return original(**{**kwargs, param: route(ctx, value)})
-        # several ids (rm): one call per host, in the order given
-        base = ctx.obj
-        groups: dict[str, list[str]] = {}
-        order: list[str] = []
-        for fid in value:
-            host = fid.partition("/")[0] if "/" in fid else ""
-            if host not in groups:
-                order.append(host)
-            groups.setdefault(host, []).append(fid)
-        for host in order:
-            ctx.obj = base
-            ids = tuple(route(ctx, fid) for fid in groups[host])
-            original(**{**kwargs, param: ids})
-        return None
-
-    command.callback = callback
-
-
-for _name in ("status", "logs", "wait", "stop"):
-    _wrap(_name, "job_id")
-_wrap("rm", "job_ids")
-
-
-# -- list ----------------------------------------------------------------------------------
-
-
-def _list_wrapper() -> None:
-    command = cli.commands["list"]
-    original = command.callback
-    assert original is not None
-
-    def callback(all_jobs: bool, as_json: bool) -> Any:
-        settings = settings_of(click.get_current_context())
-        if not settings.fleet:
-            return original(all_jobs=all_jobs, as_json=as_json)
-        return fleet_list(settings, all_jobs, as_json)
-
-    command.callback = callback
-    command.help = (command.help or "") + (
-        "\n\nWith --fleet: every host's jobs, with a HOST column; hosts that do not answer are "
-        "named on stderr."
-    )
+# -- list --fleet ----------------------------------------------------------------------------
 
 
 async def gather_lists(
@@ -290,49 +201,4 @@ def fleet_list(settings: Settings, all_jobs: bool, as_json: bool) -> None:
         warn(f"host {name} did not answer: {why}")
 
 
-_list_wrapper()
-
-
-# -- certs host ----------------------------------------------------------------------------
-
-
-@certs.command(name="host")
-@click.argument("name")
-@click.option(
-    "--san",
-    multiple=True,
-    metavar="NAME",
-    help="Another DNS name or IP the certificate names (the address in --advertise); repeatable.",
-)
-@click.option(
-    "--dir",
-    "directory",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="The PKI (from `worker certs init`) whose CA signs it.",
-)
-def certs_host(name: str, san: tuple[str, ...], directory: Path) -> None:
-    """A server certificate for fleet host NAME, in DIR/hosts/NAME/ (ca.pem, server.pem,
-    server-key.pem): `workerd --pki DIR/hosts/NAME --fleet URL --name NAME ...`.
-
-    NAME is always among its names (clients check it); localhost, 127.0.0.1 and ::1 too.
-    """
-    from jobworker.api.fleet import check_name
-    from jobworker.client.pki import PkiError, issue_server, load_ca, write_pair
-
-    try:
-        check_name(name)
-        ca_cert, ca_key = load_ca(directory)
-        out = directory / "hosts" / name
-        out.mkdir(mode=0o700, parents=True, exist_ok=True)
-        cert, key = issue_server(ca_cert, ca_key, (name, *san))
-        write_pair(out, "server", cert, key)
-        (out / "ca.pem").write_bytes((directory / "ca.pem").read_bytes())
-    except (PkiError, InvalidArgument) as e:
-        raise CommandExit(Exit.CONFIG, str(e)) from e
-    except OSError as e:
-        raise CommandExit(Exit.CONFIG, f"cannot write the certificate of {name}: {e}") from e
-    click.echo(str(out))
-
-
-__all__ = ["fleet_remote", "open_fleet", "route"]
+__all__ = ["fleet_list", "fleet_remote", "need_fleet", "open_fleet", "table"]

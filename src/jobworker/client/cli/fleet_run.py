@@ -1,6 +1,7 @@
 """``start --on SELECTOR`` (placement on one host) and ``run --on all|SELECTOR`` (on every
 matching host at once, output prefixed by host as pdsh does, a summary at the end), added to
-the commands of :mod:`.jobs` from the outside: without ``--on`` they are unchanged."""
+the commands of :mod:`.jobs` from the outside: without ``--on`` they are unchanged. The root
+group imports start and run from here (:data:`.app.COMMANDS`), so they always have it."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import click
 
 from jobworker.client.cli import jobs
-from jobworker.client.cli.app import cli
 from jobworker.client.cli.exits import CommandExit, Exit, StdoutClosed, error_exit, warn
 from jobworker.client.cli.fleet import fleet_remote, need_fleet, table
 from jobworker.client.cli.render import outcome
@@ -54,7 +54,7 @@ def _job_args(kw: dict[str, Any]) -> tuple[tuple[str, ...], dict[str, Any]]:
 
 
 def _start_with_on() -> None:
-    command = cli.commands["start"]
+    command = jobs.start
     original = command.callback
     assert original is not None
     command.params.insert(0, click.Option(["--on"], metavar="SELECTOR", help=ON_HELP))
@@ -227,7 +227,7 @@ async def fan_out(
 
 
 def _run_with_on() -> None:
-    command = cli.commands["run"]
+    command = jobs.run
     original = command.callback
     assert original is not None
     command.params.insert(0, click.Option(["--on"], metavar="SELECTOR", help=ON_HELP))
@@ -278,3 +278,5 @@ def summarize(results: list[Outcome], say: Callable[[str], None]) -> None:
 
 _start_with_on()
 _run_with_on()
+start, run = jobs.start, jobs.run
+"""The commands as the root group runs them (:data:`.app.COMMANDS`): with --on."""

@@ -1,10 +1,12 @@
-"""The root command group's ``main``: every failure becomes one line on stderr and an exit code."""
+"""The root command group: its commands are imported when used, and its ``main`` turns every
+failure into one line on stderr and an exit code."""
 
 from __future__ import annotations
 
 import gc
+import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 import click
@@ -18,6 +20,7 @@ from jobworker.client.cli.exits import (
     silence_stdout,
     warn,
 )
+from jobworker.client.cli.imports import collector_paused
 from jobworker.client.cli.settings import DEFAULT_ADDRESS
 from jobworker.errors import JobworkerError
 
@@ -25,7 +28,31 @@ COMPLETE_VAR = "_WORKER_COMPLETE"
 
 
 class WorkerGroup(click.Group):
-    """Maps every failure to one line on stderr and an exit code (:class:`Exit`)."""
+    """Maps every failure to one line on stderr and an exit code (:class:`Exit`).
+
+    ``lazy`` names commands by where they are defined (``NAME: "MODULE:ATTRIBUTE"``, a module
+    of :mod:`jobworker.client.cli`), imported when the command is first looked up: a command
+    pays for its own module (and what it imports), not for every other command's. ``--help``
+    and shell completion list every command, so they import them all."""
+
+    def __init__(self, *args: Any, lazy: Mapping[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.lazy:
+            module, _, attribute = self.lazy[cmd_name].partition(":")
+            name = f"jobworker.client.cli.{module}"
+            # As for the first imports (jobworker.client.cli): their objects live as long as
+            # the process; a module imported before (a long-lived caller) freezes nothing.
+            with collector_paused(freeze=name not in sys.modules):
+                command = getattr(importlib.import_module(name), attribute)
+            assert isinstance(command, click.Command), self.lazy[cmd_name]
+            self.add_command(command, cmd_name)
+        return self.commands.get(cmd_name)
 
     def main(
         self,

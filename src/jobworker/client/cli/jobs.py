@@ -1,4 +1,5 @@
-"""The job commands: start, run, stop, status, list, wait and logs."""
+"""The commands that start jobs: start and run (the others are in :mod:`.control`; the
+fleet's ``--on`` is added to these two by :mod:`.fleet_run`)."""
 
 from __future__ import annotations
 
@@ -14,17 +15,12 @@ from typing import Any, TypeVar
 import click
 
 from jobworker.client.cli import attach
-from jobworker.client.cli.app import cli
-from jobworker.client.cli.completion import JOB_ID, complete_job_ids
 from jobworker.client.cli.exits import CommandExit, Exit, StdoutClosed, finish, warn
-from jobworker.client.cli.render import echo_json, list_text, outcome, status_json, status_text
+from jobworker.client.cli.render import outcome
 from jobworker.client.cli.session import Session, follow_output, remote, wait_for_end
 from jobworker.client.cli.settings import settings_of
-from jobworker.client.cli.stamps import Stamper, parse_since
 from jobworker.errors import InvalidArgument, JobworkerError
 from jobworker.limits import Limits
-from jobworker.outlog import Stream
-from jobworker.outread import Query
 from jobworker.spec import DEADLINE_REASON, JobState, JobStatus, Network
 from jobworker.units import DURATION_FORM, parse_duration
 
@@ -173,7 +169,7 @@ JOB_CONTEXT = {"allow_interspersed_args": False}
 """Everything after the command's first word belongs to the command (`worker run ls -l`)."""
 
 
-@cli.command(context_settings=JOB_CONTEXT)
+@click.command(context_settings=JOB_CONTEXT)
 @job_options
 @click.pass_context
 def start(
@@ -198,7 +194,7 @@ def start(
     click.echo(remote(settings, body).id)
 
 
-@cli.command(context_settings=JOB_CONTEXT)
+@click.command(context_settings=JOB_CONTEXT)
 @job_options
 @click.option(
     "-i", "--interactive", is_flag=True, help="Stream stdin to the job; your EOF closes its stdin."
@@ -310,172 +306,3 @@ def _interruptible(session: Session, job_id: str) -> Iterator[Callable[[], bool]
             loop.remove_signal_handler(signal.SIGINT)
         for t in stopping:
             t.cancel()
-
-
-# -- stop / status / list / wait / logs -------------------------------------------------------
-
-
-@cli.command()
-@JOB_ID
-@click.option(
-    "--grace",
-    type=click.FloatRange(0, 3600),
-    metavar="SECONDS",
-    help="Seconds between SIGTERM and SIGKILL.  [default: the daemon's]",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the final status as JSON.")
-@click.pass_context
-def stop(ctx: click.Context, job_id: str, grace: float | None, as_json: bool) -> None:
-    """Stop a job: SIGTERM to all its processes, SIGKILL after the grace period.
-
-    Prints how it ended. Stopping a job that has already ended just reports that.
-    """
-
-    async def body(session: Session) -> JobStatus:
-        return await session.client.stop(job_id, grace)
-
-    status = remote(settings_of(ctx), body)
-    if as_json:
-        echo_json(status_json(status))
-    else:
-        click.echo(f"{status.id} {outcome(status)}")
-
-
-@cli.command()
-@JOB_ID
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
-@click.pass_context
-def status(ctx: click.Context, job_id: str, as_json: bool) -> None:
-    """Show a job: state, exit code or signal, owner, command, times, limits, usage."""
-
-    async def body(session: Session) -> JobStatus:
-        return await session.client.status(job_id)
-
-    s = remote(settings_of(ctx), body)
-    if as_json:
-        echo_json(status_json(s))
-    else:
-        click.echo(status_text(s))
-
-
-@cli.command(name="list")
-@click.option(
-    "--all",
-    "-a",
-    "all_jobs",
-    is_flag=True,
-    help="Every job your role may see (admins and viewers: everyone's), not only yours.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-@click.pass_context
-def list_(ctx: click.Context, all_jobs: bool, as_json: bool) -> None:
-    """List your jobs, oldest first."""
-
-    async def body(session: Session) -> list[JobStatus]:
-        return await session.client.list(all=all_jobs)
-
-    jobs = sorted(remote(settings_of(ctx), body), key=lambda s: (s.started_at, s.id))
-    if as_json:
-        echo_json([status_json(s) for s in jobs])
-    elif jobs:
-        click.echo(list_text(jobs))
-    else:
-        warn("no jobs" + ("" if all_jobs else " (`worker list --all` shows others' jobs)"))
-
-
-@cli.command()
-@JOB_ID
-@click.option("--json", "as_json", is_flag=True, help="Print the final status as JSON.")
-@click.pass_context
-def wait(ctx: click.Context, job_id: str, as_json: bool) -> None:
-    """Wait for a job to end; exit with its exit code (128+N when signal N ended it)."""
-    settings = settings_of(ctx)
-
-    async def body(session: Session) -> JobStatus:
-        await session.client.status(job_id)  # a fast first answer: not found, no daemon, ...
-        return await wait_for_end(session, job_id)
-
-    final = remote(settings, body)
-    if as_json:
-        echo_json(status_json(final))
-    finish(final)
-
-
-@cli.command()
-@click.option("-f", "--follow", is_flag=True, help="Keep streaming until the job has ended.")
-@click.option("--stdout", "only_stdout", is_flag=True, help="Only the job's stdout.")
-@click.option("--stderr", "only_stderr", is_flag=True, help="Only the job's stderr.")
-@click.option(
-    "--timestamps",
-    is_flag=True,
-    help="Prefix each line with the time (RFC 3339, UTC, µs) the daemon received it.",
-)
-@click.option(
-    "--tail",
-    type=click.IntRange(min=0),
-    metavar="N",
-    help="Start at the last N lines (then follow, with -f).",
-)
-@click.option(
-    "--since",
-    metavar="DURATION|TIME",
-    help="Start at what was received since then: 10m, 1h, or 2026-12-02T07:00:00Z.",
-)
-@JOB_ID
-@click.pass_context
-def logs(
-    ctx: click.Context,
-    follow: bool,
-    only_stdout: bool,
-    only_stderr: bool,
-    timestamps: bool,
-    tail: int | None,
-    since: str | None,
-    job_id: str,
-) -> None:
-    """Write a job's output to stdout, byte for byte: stdout and stderr interleaved in the
-    order the daemon received them, or with --stdout or --stderr that stream alone.
-
-    With -f, stream until the job has ended and every byte is out, the job's stderr to
-    stderr (unless --stdout or --stderr picks one stream); a dropped connection is
-    re-established and the stream resumes where it stopped.
-    """
-    settings = settings_of(ctx)
-    if only_stdout and only_stderr:
-        raise click.UsageError("--stdout and --stderr exclude each other; give neither for both")
-    view = Stream.STDOUT if only_stdout else Stream.STDERR if only_stderr else None
-    try:
-        since_us = None if since is None else parse_since(since)
-    except InvalidArgument as e:
-        raise click.BadParameter(str(e).removeprefix("--since: "), param_hint="--since") from e
-    follow = follow or settings.follow
-    out = sys.stdout.buffer
-    err = sys.stderr.buffer if follow and view is None else None
-    query = Query(view=view, tail=tail, since_us=since_us)
-    stamper = Stamper() if timestamps else None
-
-    async def body(session: Session) -> None:
-        await session.client.status(job_id)  # a fast first answer: not found, no daemon, ...
-        await follow_output(session, job_id, follow, out, err, query=query, stamper=stamper)
-
-    remote(settings, body)
-
-
-@cli.command()
-@click.argument(
-    "job_ids", nargs=-1, required=True, metavar="ID...", shell_complete=complete_job_ids
-)
-@click.pass_context
-def rm(ctx: click.Context, job_ids: tuple[str, ...]) -> None:
-    """Remove ended jobs: their records and logs, for good (the owner or an admin may).
-
-    A job that still runs is refused (stop it first); the others are removed.
-    """
-    settings = settings_of(ctx)
-
-    async def body(session: Session) -> None:
-        for job_id in job_ids:
-            await session.client.remove(job_id)
-            click.echo(job_id)
-
-    remote(settings, body)

@@ -6,15 +6,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
-from typing import Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from jobworker.client.cli.exits import StdoutClosed, error_exit, warn
 from jobworker.client.cli.settings import Settings
-from jobworker.client.cli.stamps import Stamper
 from jobworker.errors import ConfigError, JobworkerError, RemoteError, ShuttingDown
-from jobworker.outlog import Stream
-from jobworker.outread import Query
 from jobworker.spec import JobStatus
+
+if TYPE_CHECKING:
+    # The output's modules are imported by the commands that read output, when they do.
+    from jobworker.client.cli.stamps import Stamper
+    from jobworker.outread import Query
 
 T = TypeVar("T")
 
@@ -93,6 +95,9 @@ async def follow_output(
     resuming after a dropped connection at the offset after the last byte received (in the
     same view; ``tail`` and ``since`` only apply until the first byte comes). ``stamper``
     prefixes lines with their times. Returns the offset after the last byte written."""
+    from jobworker.outlog import Stream
+    from jobworker.outread import Query
+
     q = replace(query or Query(), follow=follow, split=stamper is not None)
     offset = q.offset
     received = False
