@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 
+from jobworker.errors import HostError
 from jobworker.limits import IOLimit, Limits
 from jobworker.spec import JobSpec, JobState, JobStatus, Usage
 from jobworker.store import UNKNOWN_COMMAND, Store, spec_to_dict, status_to_dict
+from jobworker.storepool import POOL_SIZE
 
 
 def test_record_round_trip(tmp_path: Path) -> None:
@@ -228,3 +230,34 @@ def test_empty_output_files_have_nothing_to_sync(tmp_path: Path) -> None:
             "quiet",
             "talks",
         ]
+
+
+def test_a_start_takes_its_files_from_the_pool_the_writer_refills(tmp_path: Path) -> None:
+    """The logs, the index and the start record are the pool's empty files linked under the
+    job's names (no file is created on the start's path), the pool is refilled by the writer
+    thread, and what a crash leaves in it is taken over, emptied, by the next store."""
+    for store in make_store(tmp_path / "state"):
+        store._writer.submit(int).result()  # the first refill is done
+        pooled = {os.stat(store.pool / name).st_ino for name in os.listdir(store.pool)}
+        assert len(pooled) == POOL_SIZE
+        spec = JobSpec(argv=("true",), owner="alice")
+        store.create("j1").close()
+        store.save(spec, replace(ended("j1", spec), state=JobState.RUNNING), new=True)
+        logs = store.log_paths("j1")
+        paths = [logs.out, logs.err, logs.idx, store.record_path("j1")]
+        taken = {os.stat(path).st_ino for path in paths}
+        assert taken <= pooled
+        assert all(os.stat(path).st_nlink == 1 for path in paths)
+        assert all(os.stat(path).st_mode & 0o777 == 0o600 for path in paths)
+        store._writer.submit(int).result()
+        left = {os.stat(store.pool / name).st_ino for name in os.listdir(store.pool)}
+        assert not left & taken
+        kept = sorted(os.listdir(store.pool))
+        (store.pool / kept[0]).write_bytes(b"cut short")
+    for store in make_store(tmp_path / "state"):
+        store._writer.submit(int).result()
+        assert sorted(os.listdir(store.pool)) == kept  # enough left: no refill
+        assert all(os.stat(store.pool / n).st_size == 0 for n in kept)
+        with pytest.raises(HostError, match="cannot create the job's log"):
+            store.create("j1")  # it exists: as O_EXCL, and the pool keeps its file
+        assert sorted(os.listdir(store.pool)) == kept
