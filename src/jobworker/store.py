@@ -179,7 +179,11 @@ class Store:
             {"version": _VERSION, "spec": spec_to_dict(spec), **status_to_dict(status)}
         )
         final = self.record_path(status.id)
-        path = final if new else self.jobs / (status.id + TMP)
+        # A replacement is written into a pool file and swapped with the record
+        # (RENAME_EXCHANGE): the old record's inode goes back to the pool, none is made or
+        # freed. Without a pool file, a temp file renamed over the record.
+        spare = None if new else self._pool.take()
+        path = final if new else Path(spare) if spare is not None else self.jobs / (status.id + TMP)
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_TRUNC
         durable = status.state.ended
         try:
@@ -191,9 +195,13 @@ class Store:
                 if durable:
                     f.flush()
                     self._fsync(f.fileno())
-            if not new:
+            if spare is not None:
+                self._pool.swap_in(spare, final)
+            elif not new:
                 os.replace(path, final)
         except OSError as e:
+            if spare is not None:
+                self._pool.give_back(spare)
             raise HostError(f"cannot write the record of job {status.id}: {e.strerror}") from e
         return durable
 

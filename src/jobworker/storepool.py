@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
+import errno
 import logging
 import os
 import threading
@@ -25,6 +27,27 @@ POOL_SIZE = 32
 POOL_LOW = 16
 """Below this many, a take asks the writer thread to refill the pool."""
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = getattr(_libc, "renameat2", None)
+if _renameat2 is not None:
+    _renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+
+
+def _exchange(a: str, b: Path) -> int:
+    """``renameat2(a, b, RENAME_EXCHANGE)``: 0, or the errno."""
+    if _renameat2 is None:
+        return errno.ENOSYS
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return 0
+    return ctypes.get_errno()
 
 
 class FilePool:
@@ -36,6 +59,8 @@ class FilePool:
         self._spare: collections.deque[str] = collections.deque()
         self._lock = threading.Lock()
         self._refilling = False
+        self._can_exchange = True
+        """False once the file system refused an exchange: replaced by rename from then on."""
 
     def adopt(self) -> None:
         """Take over what an earlier store left in the pool, emptied (a crash may have cut a
@@ -84,15 +109,43 @@ class FilePool:
             with self._lock:
                 self._refilling = False
 
-    def open_new(self, path: Path) -> int:
-        """``open(path, O_WRONLY|O_CREAT|O_EXCL|O_CLOEXEC, 0600)``, from the pool when it has
-        a file: that file linked to ``path`` (failing as O_EXCL would if ``path`` exists, the
-        file kept in the pool) and unlinked from the pool."""
+    def take(self) -> str | None:
+        """A pool file's path, out of the pool (:meth:`give_back` or :meth:`swap_in` it)."""
         try:
             spare = self._spare.popleft()
         except IndexError:
             spare = None
         self._ask_refill()
+        return spare
+
+    def give_back(self, path: str) -> None:
+        """Empty ``path`` and put it back in the pool (gone: forgotten)."""
+        try:
+            os.truncate(path, 0)
+        except OSError:
+            return
+        self._spare.append(path)
+
+    def swap_in(self, spare: str, final: Path) -> None:
+        """Atomically put the pool file ``spare`` at ``final``: exchanged with the file there,
+        which becomes the pool file (emptied), or renamed if there is none (or the file
+        system cannot exchange: then the old file is freed, as by ``os.replace``)."""
+        if self._can_exchange:
+            err = _exchange(spare, final)
+            if err == 0:
+                self.give_back(spare)
+                return
+            if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                self._can_exchange = False
+            elif err != errno.ENOENT:  # ENOENT: no file at final (or no spare: replace says)
+                raise OSError(err, os.strerror(err))
+        os.replace(spare, final)
+
+    def open_new(self, path: Path) -> int:
+        """``open(path, O_WRONLY|O_CREAT|O_EXCL|O_CLOEXEC, 0600)``, from the pool when it has
+        a file: that file linked to ``path`` (failing as O_EXCL would if ``path`` exists, the
+        file kept in the pool) and unlinked from the pool."""
+        spare = self.take()
         if spare is not None:
             try:
                 fd = os.open(spare, os.O_WRONLY | os.O_CLOEXEC)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from jobworker import storepool
 from jobworker.errors import HostError
 from jobworker.limits import IOLimit, Limits
 from jobworker.spec import JobSpec, JobState, JobStatus, Usage
@@ -55,6 +56,13 @@ def make_store(root: Path, fsync: Callable[[int], None] | None = None) -> Iterat
 
 
 @pytest.fixture
+def no_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store whose pool stays empty: files are created, records replaced by rename."""
+    monkeypatch.setattr(storepool, "POOL_SIZE", 0)
+    monkeypatch.setattr(storepool, "POOL_LOW", 0)
+
+
+@pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
     yield from make_store(tmp_path / "state")
 
@@ -73,6 +81,7 @@ def ended(job_id: str, spec: JobSpec) -> JobStatus:
     )
 
 
+@pytest.mark.usefixtures("no_pool")
 def test_final_record_is_fsynced_with_log_and_directory(tmp_path: Path) -> None:
     synced: list[tuple[str, str]] = []  # (path the fd is open on, record text at that moment)
     record = tmp_path / "state" / "jobs" / "j1.json"
@@ -174,6 +183,7 @@ async def _save_six(store: Store, synced: list[str], busy: Any, release: Any) ->
     return done_at
 
 
+@pytest.mark.usefixtures("no_pool")
 def test_final_records_written_together_share_one_directory_sync(tmp_path: Path) -> None:
     """Ends that queue up while the writer is busy are made durable as one batch: each record
     and log is synced, the directory once for them all, and no save returns before the
@@ -201,6 +211,7 @@ def test_final_records_written_together_share_one_directory_sync(tmp_path: Path)
                 assert str(path) in synced
 
 
+@pytest.mark.usefixtures("no_pool")
 def test_empty_output_files_have_nothing_to_sync(tmp_path: Path) -> None:
     """A job that wrote nothing on a stream: its empty file has no data to make durable (that
     it exists, the directory sync does), so only the files with data, the record and the
@@ -261,3 +272,36 @@ def test_a_start_takes_its_files_from_the_pool_the_writer_refills(tmp_path: Path
         with pytest.raises(HostError, match="cannot create the job's log"):
             store.create("j1")  # it exists: as O_EXCL, and the pool keeps its file
         assert sorted(os.listdir(store.pool)) == kept
+
+
+def test_a_final_record_is_swapped_in_from_the_pool_and_the_old_one_pooled(tmp_path: Path) -> None:
+    """A replaced record is written into a pool file, synced, then exchanged with the record
+    (RENAME_EXCHANGE), before the directory sync: the start record's inode goes back to the
+    pool emptied, and no file is made or freed."""
+    synced: list[tuple[str, str]] = []
+    record = tmp_path / "state" / "jobs" / "j1.json"
+
+    def fsync(fd: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), record.read_text()))
+        os.fsync(fd)
+
+    for store in make_store(tmp_path / "state", fsync):
+        store._writer.submit(int).result()  # the first refill is done
+        spec = JobSpec(argv=("true",), owner="alice")
+        store.create("j1").close()
+        start = replace(ended("j1", spec), state=JobState.RUNNING, ended_at=None)
+        store.save(spec, start, new=True)
+        start_inode = record.stat().st_ino
+        pooled = {os.stat(store.pool / n).st_ino for n in os.listdir(store.pool)}
+        store.save(spec, ended("j1", spec))
+        assert json.loads(record.read_text())["state"] == "exited"
+        assert record.stat().st_ino in pooled
+        assert record.stat().st_mode & 0o777 == 0o600
+        (written, before), (directory, after) = synced
+        assert Path(written).parent == store.pool and json.loads(before)["state"] == "running"
+        assert directory == str(store.jobs) and json.loads(after)["state"] == "exited"
+        now_pooled = {os.stat(store.pool / n): n for n in os.listdir(store.pool)}
+        assert start_inode in {st.st_ino for st in now_pooled}
+        assert all(st.st_size == 0 for st in now_pooled)
+        assert not (store.jobs / "j1.json.tmp").exists()
+        assert [status.state for _, status in store.load_all()] == [JobState.EXITED]
