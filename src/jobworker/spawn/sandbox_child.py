@@ -18,7 +18,10 @@ import resource
 import signal
 import socket
 import struct
-from typing import Any
+
+TYPE_CHECKING = False  # `typing` is not imported at run time: see child.py
+if TYPE_CHECKING:
+    from typing import Any
 
 PR_SET_NAME = 15
 PR_SET_NO_NEW_PRIVS = 38
