@@ -60,6 +60,7 @@ class FilePool:
         self._spare: collections.deque[str] = collections.deque()
         self._lock = threading.Lock()
         self._refilling = False
+        self._given_up = False
         self._can_exchange = True
         """False once the file system refused an exchange: replaced by rename from then on."""
 
@@ -84,9 +85,19 @@ class FilePool:
             self._spare.append(path)
         self._ask_refill()
 
+    def _give_up(self, error: OSError, taken: str) -> None:
+        log.warning("the file pool %s is not used: %s", self.directory, error)
+        with self._lock:
+            self._given_up = True
+            spares = [taken, *self._spare]
+            self._spare.clear()
+        for path in spares:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
     def _ask_refill(self) -> None:
         with self._lock:
-            if self._refilling or len(self._spare) >= POOL_LOW:
+            if self._given_up or self._refilling or len(self._spare) >= POOL_LOW:
                 return
             self._refilling = True
         try:
@@ -98,7 +109,7 @@ class FilePool:
     def _refill(self) -> None:
         """The writer thread: make empty files until the pool holds :data:`POOL_SIZE`."""
         try:
-            while len(self._spare) < POOL_SIZE:
+            while len(self._spare) < POOL_SIZE and not self._given_up:
                 path = os.path.join(self.directory, uuid.uuid4().hex)
                 try:
                     # mknod, not open: no fd, so no snapshot of our fds ever sees a refill's.
@@ -160,8 +171,11 @@ class FilePool:
                     os.close(fd)
                     self._spare.appendleft(spare)
                     raise
-                except OSError:
+                except OSError as e:
+                    # No hard links here (EPERM, EOPNOTSUPP, ...): the pool cannot serve, so
+                    # it is given up (its files removed) rather than refilled on every start.
                     os.close(fd)
+                    self._give_up(e, spare)
                 else:
                     with contextlib.suppress(OSError):
                         os.unlink(spare)

@@ -305,3 +305,23 @@ def test_a_final_record_is_swapped_in_from_the_pool_and_the_old_one_pooled(tmp_p
         assert all(st.st_size == 0 for st in now_pooled)
         assert not (store.jobs / "j1.json.tmp").exists()
         assert [status.state for _, status in store.load_all()] == [JobState.EXITED]
+
+
+def test_a_file_system_without_hard_links_gives_the_pool_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a pool file cannot be linked under a job's name, the start creates its files, and
+    the pool is given up and emptied: not refilled, its files not left to pile up."""
+    for store in make_store(tmp_path / "state"):
+        store._writer.submit(int).result()  # the first refill is done
+        assert len(os.listdir(store.pool)) == POOL_SIZE
+
+        def no_links(src: object, dst: object) -> None:
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_links)
+        for job_id in ("j1", "j2", "j3", "j4", "j5"):
+            store.create(job_id).close()
+        store._writer.submit(int).result()
+        assert os.listdir(store.pool) == []
+        assert all(store.log_path(j).exists() for j in ("j1", "j2", "j3", "j4", "j5"))
