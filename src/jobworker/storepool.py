@@ -142,8 +142,13 @@ class FilePool:
     def swap_in(self, spare: str, final: Path) -> None:
         """Atomically put the pool file ``spare`` at ``final``: exchanged with the file there,
         which becomes the pool file (emptied), or renamed if there is none (or the file
-        system cannot exchange: then the old file is freed, as by ``os.replace``)."""
-        if self._can_exchange:
+        system cannot exchange: then the old file is freed, as by ``os.replace``). Only a
+        regular file is exchanged: anything else at ``final`` meets ``os.replace``'s errors."""
+        try:
+            regular = stat.S_ISREG(os.lstat(final).st_mode)
+        except FileNotFoundError:
+            regular = False
+        if self._can_exchange and regular:
             err = _exchange(spare, final)
             if err == 0:
                 self.give_back(spare)

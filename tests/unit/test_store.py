@@ -325,3 +325,17 @@ def test_a_file_system_without_hard_links_gives_the_pool_up(
         store._writer.submit(int).result()
         assert os.listdir(store.pool) == []
         assert all(store.log_path(j).exists() for j in ("j1", "j2", "j3", "j4", "j5"))
+
+
+def test_only_a_regular_record_is_swapped_into_the_pool(store: Store) -> None:
+    """A record that is not a regular file (a directory) is not exchanged into the pool: the
+    replacement fails as a rename over it would, and the pool holds only empty files."""
+    store._writer.submit(int).result()  # the first refill is done
+    spec = JobSpec(argv=("true",), owner="alice")
+    store.create("j1").close()
+    store.record_path("j1").mkdir()
+    with pytest.raises(HostError, match="cannot write the record of job j1"):
+        store.save(spec, ended("j1", spec))
+    assert store.record_path("j1").is_dir()
+    assert all((store.pool / n).is_file() for n in os.listdir(store.pool))
+    assert all(os.stat(store.pool / n).st_size == 0 for n in os.listdir(store.pool))
