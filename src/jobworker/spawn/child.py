@@ -93,10 +93,11 @@ HEADER = struct.Struct(">I")
 MAX_MESSAGE = 8 * 1024 * 1024
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
-PR_SET_NO_NEW_PRIVS = sandbox_child.PR_SET_NO_NEW_PRIVS
-PR_CAPBSET_DROP = sandbox_child.PR_CAPBSET_DROP
-CAP_SYS_ADMIN = sandbox_child.CAP_SYS_ADMIN
-LOOKUP_SKIP = sandbox_child.LOOKUP_SKIP
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAPBSET_DROP = 24
+CAP_SYS_ADMIN = 21
+LOOKUP_SKIP = (errno.ENOENT, errno.ENOTDIR, errno.EACCES)
+"""execve errors that mean "not this file": a PATH search tries the next entry."""
 
 
 def send_message(sock: socket.socket, message: tuple[Any, ...], fds: Sequence[int] = ()) -> None:

@@ -7,7 +7,6 @@ nothing but the standard library. It also holds the small helpers both files use
 
 from __future__ import annotations
 
-import _posixsubprocess
 import contextlib
 import ctypes
 import errno
@@ -24,11 +23,6 @@ if TYPE_CHECKING:
     from typing import Any
 
 PR_SET_NAME = 15
-PR_SET_NO_NEW_PRIVS = 38
-PR_CAPBSET_DROP = 24
-CAP_SYS_ADMIN = 21
-LOOKUP_SKIP = (errno.ENOENT, errno.ENOTDIR, errno.EACCES)
-"""execve errors that mean "not this file": a PATH search tries the next entry."""
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
@@ -66,8 +60,6 @@ class Sandboxing:
     libc: ctypes.CDLL
     pid_ns: int
     status_pipes: dict[int, int]
-    devnull: int
-    reset_signals: tuple[int, ...]
 
     def _child(
         self,
@@ -89,9 +81,8 @@ class Sandboxing:
         is born), forks, and goes straight back to its own PID namespace (setns on the fd it
         opened at the first sandbox). The child is PID 1 of the new namespace: the job's
         init (:meth:`_init`). It joins the job's cgroup, makes the mount, IPC, UTS (and with
-        ``net``, network) namespaces, then starts the job's main process (PID 2): from C where
-        it can (:meth:`_exec_job`), else by a fork whose child sets itself up like a forked job
-        (:meth:`_child`) and execs.
+        ``net``, network) namespaces, then forks the job's main process (PID 2), which sets
+        itself up like a forked job (:meth:`_child`) and execs.
 
         The init cannot die of the job's signal (a namespace's PID 1 is immune to its own), so
         it writes the job's raw wait status to a pipe whose read end the spawner keeps; when it
@@ -188,18 +179,13 @@ class Sandboxing:
             stage = "setsid"
             os.setsid()
             self.libc.prctl(PR_SET_NAME, b"jobworker-init", 0, 0, 0)
-            forwarder = _Forwarder()
-            job = self._exec_job(out_fd, err_fd, msg, forwarder)
-            if job < 0:
-                # The Python child, which decides (and reports) every case exactly.
-                forwarder.uninstall()
-                # Held until the handlers know the job's pid; the job unblocks them itself.
-                signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
-                stage = "fork"
-                job = os.fork()
-                if job == 0:
-                    os.close(status_w)
-                    self._child(procs_fd, out_fd, err_fd, err_w, msg, True)
+            # Held until the handlers below know the job's pid; the job unblocks them itself.
+            signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+            stage = "fork"
+            job = os.fork()
+            if job == 0:
+                os.close(status_w)
+                self._child(procs_fd, out_fd, err_fd, err_w, msg, True)
         except OSError as e:
             os.write(err_w, marshal.dumps((e.errno or errno.EIO, stage)))
             os._exit(127)
@@ -208,85 +194,9 @@ class Sandboxing:
                 os.write(err_w, marshal.dumps((errno.EIO, stage)))
             os._exit(127)
         try:
-            _relay(job, status_w, forwarder)
+            _relay(job, status_w)
         finally:
             os._exit(1)
-
-    def _exec_job(self, out_fd: int, err_fd: int, msg: tuple[Any, ...], fwd: _Forwarder) -> int:
-        """Start the job's main process from C (``_posixsubprocess``: fork, then no Python
-        before the exec; a Python child costs about half a millisecond more, in copy-on-write
-        faults of the interpreter's pages). Returns its pid, or -1 when this way does not
-        apply or did not work: then nothing ran, and the Python child (:meth:`_child`) starts
-        the job, or reports the error, exactly as it always does.
-
-        The job gets what the Python child gives it: the init sets, on itself and so on the
-        job, the RLIMIT_NOFILE soft limit, no_new_privs and CAP_SYS_ADMIN out of the bounding
-        set (the same stages fail the start if they fail), and the job's dispositions (the
-        init's handlers, reset by the exec; every other signal the spawner ignores set to
-        default: a namespace's PID 1 gets no signal it has no handler for) and an empty
-        mask; the C child makes its session and stdio, switches to the job's groups, gid and
-        uid, and execs. The cwd (which ``_posixsubprocess`` would change to before the switch,
-        as root) and the file to run are found first, by the init with the job's ids as its
-        effective ones (root's kept, to switch back): the job's cwd is inherited. The file is
-        the first candidate (``path``, or argv[0] in each PATH entry) that exists for the
-        job's user: where the Python child's search would run a later one (its execve fails
-        only with "not this file" errors), this one does not exist for that user either."""
-        _op, _req, path, argv, env, cwd, uid, gid, groups, _fast = msg[:10]
-        opts = options(msg)
-        if opts.get("tty") or not cwd.startswith(b"/"):
-            return -1  # TIOCSCTTY needs code in the child
-        errpipe_r, errpipe_w = os.pipe2(os.O_CLOEXEC)  # before the soft limit is lowered
-        try:
-            if opts.get("nofile") is not None:
-                hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-                resource.setrlimit(resource.RLIMIT_NOFILE, (min(opts["nofile"], hard), hard))
-            check(self.libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
-            check(self.libc.prctl(PR_CAPBSET_DROP, CAP_SYS_ADMIN, 0, 0, 0))
-            target = _enter_cwd_and_find(path, cwd, opts.get("lookup"), uid, gid, groups)
-            if target is None:
-                return -1
-            fwd.install()
-            for sig in self.reset_signals:
-                if sig not in FORWARDED:
-                    signal.signal(sig, signal.SIG_DFL)  # SIGPIPE, SIGXFSZ: the C child's
-            try:
-                job = _posixsubprocess.fork_exec(
-                    argv,
-                    [target],
-                    False,  # close_fds: every fd of ours is close-on-exec
-                    (),
-                    None,  # type: ignore[arg-type]  # cwd: the init's own, found above
-                    env,
-                    opts.get("stdin_fd", self.devnull),
-                    -1,
-                    -1,
-                    out_fd,
-                    -1,
-                    err_fd,
-                    errpipe_r,
-                    errpipe_w,
-                    True,  # restore_signals: SIGPIPE and SIGXFSZ to default
-                    True,  # setsid
-                    -1,
-                    gid if gid >= 0 else None,
-                    list(groups) if gid >= 0 else None,
-                    uid if uid >= 0 else None,
-                    -1,
-                    None,  # type: ignore[arg-type]  # no preexec_fn (the stub says no None)
-                    False,  # no vfork
-                )
-            except OSError:
-                return -1
-            os.close(errpipe_w)
-            errpipe_w = -1
-            if read_report(errpipe_r):  # it did not exec (EOF at exec: close-on-exec)
-                os.waitpid(job, 0)
-                return -1
-            return job
-        finally:
-            os.close(errpipe_r)
-            if errpipe_w >= 0:
-                os.close(errpipe_w)
 
     def _mounts(self, hide: list[bytes]) -> None:
         """The sandbox's file system view, in its new mount namespace."""
@@ -335,84 +245,19 @@ def _loopback_up() -> None:
         fcntl.ioctl(s, SIOCSIFFLAGS, IFREQ.pack(b"lo", flags | IFF_UP))
 
 
-def _enter_cwd_and_find(
-    name: bytes, cwd: bytes, search: bytes | None, uid: int, gid: int, groups: list[int]
-) -> bytes | None:
-    """With the job's groups, gid and uid as the effective ones: change to ``cwd`` and return
-    the first of ``name``'s candidates (itself if it holds a slash or no search is asked for,
-    else it in each entry of ``search``, the job's PATH) that exists for the job's user
-    (``None``: the cwd or no candidate is reachable). Root's ids are back on return."""
-    euid, egid, own_groups = os.geteuid(), os.getegid(), os.getgroups()
-    try:
-        if gid >= 0:
-            os.setgroups(groups)
-            os.setegid(gid)
-        if uid >= 0:
-            os.seteuid(uid)
-        os.chdir(cwd)
-        if search is None or b"/" in name:
-            candidates = [name]
-        elif search:
-            candidates = [os.path.join(entry, name) for entry in search.split(b":")]
-        else:
-            candidates = []
-        for candidate in candidates:
-            try:
-                os.stat(candidate)
-            except OSError as e:
-                if e.errno in LOOKUP_SKIP:
-                    continue
-                return None
-            return candidate
-        return None
-    except OSError:
-        return None
-    finally:
-        if uid >= 0:
-            os.seteuid(euid)
-        if gid >= 0:
-            os.setegid(egid)
-            os.setgroups(own_groups)
-
-
-class _Forwarder:
-    """A sandbox init's handler of :data:`FORWARDED`: each signal goes on to the job's main
-    process, or waits for its pid to be known (:meth:`start`)."""
-
-    def __init__(self) -> None:
-        self.job = 0
-        self.pending: list[int] = []
-
-    def __call__(self, sig: int, _frame: object) -> None:
-        if self.job <= 0:
-            self.pending.append(sig)
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.job, sig)
-
-    def install(self) -> None:
-        for sig in FORWARDED:
-            signal.signal(sig, self)
-
-    def uninstall(self) -> None:
-        for sig in FORWARDED:
-            signal.signal(sig, signal.SIG_DFL)
-
-    def start(self, job: int) -> None:
-        self.job = job
-        pending, self.pending = self.pending, []
-        for sig in pending:
-            self(sig, None)
-
-
-def _relay(job: int, status_w: int, forwarder: _Forwarder) -> None:
+def _relay(job: int, status_w: int) -> None:
     """The init's life: forward signals to the job, reap every process of the namespace, and
     when the job's main process ends, write its raw wait status and exit (the kernel then kills
     what is left in the namespace; the manager kills what is left in the cgroup anyway)."""
     os.closerange(0, status_w)
     os.closerange(status_w + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
-    forwarder.install()
-    forwarder.start(job)
+
+    def forward(sig: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(job, sig)
+
+    for sig in FORWARDED:
+        signal.signal(sig, forward)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     status = 0
     while True:
