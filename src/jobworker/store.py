@@ -2,15 +2,15 @@
 stdout), ``<id>.err`` (its stderr) and ``<id>.idx`` (the index that interleaves them; the
 format: :mod:`jobworker.outlog`).
 
-The record is created when the job starts and replaced atomically (temp file + rename) when it
-ends, so after any crash each record is either the running one or the final one. The final
-write is durable: the log (its files that are not empty), the new record and the directory
-are synced (``fdatasync``), so a
+The record is created when the job starts and replaced atomically when it ends (written into
+a pool file and exchanged with it, or a temp file renamed over it), so after any crash each
+record is either the running one or the final one. The final write is durable: the log (its
+files that are not empty), the new record and the directory are synced (``fdatasync``), so a
 power cut after a job's end loses neither its output nor its outcome (the start record is not
 synced: one lost or cut short reads as a job lost while running). The writer thread takes the
 records asked for meanwhile as one batch: each one's files are synced, the directory once for
 the batch, and no :meth:`Store.save_async` returns before the directory sync that follows its
-rename. Flat files, no directory per job: on slow
+exchange or rename. Flat files, no directory per job: on slow
 disks every metadata operation shows in the start latency. Everything is 0600 in a 0700
 directory: jobs and other users cannot read other jobs' output or specs.
 

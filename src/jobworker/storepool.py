@@ -3,8 +3,10 @@
 A start takes its four files (the logs, the index, the record) from ``STATE/pool`` and links
 them into ``jobs/`` under the job's names: a link and an unlink, a few microseconds, where
 creating a file on ext4 can cost a quarter of a millisecond of CPU when many inodes were freed
-recently (its allocator skips those). The store's writer thread refills the pool. It holds no
-job's data and recovery does not read it; when it is empty a start creates its files itself.
+recently (its allocator skips those). A record's replacement is written into a pool file and
+exchanged with the record (:meth:`FilePool.swap_in`): the old record's inode, emptied, joins
+the pool, so a churned job frees no inode. The store's writer thread refills the pool. It holds
+no job's data and recovery does not read it; when it is empty a start creates its files itself.
 """
 
 from __future__ import annotations
