@@ -280,8 +280,17 @@ class JobManager:
         # Path checks, the log file, mkdir and the limit writes touch the host's filesystems:
         # off the loop, so a hung mount stalls this start and not every other call.
         lookup = lookup_in_child(spec, creds)
+        record = JobStatus(
+            id=job_id,
+            state=JobState.RUNNING,
+            argv=spec.argv,
+            owner=spec.owner,
+            pid=0,
+            started_at=_now(),
+            limits=spec.limits,
+        )
         prep = await asyncio.get_running_loop().run_in_executor(
-            self._host_io, prepare, self._store, self._tree, job_id, spec, env, lookup
+            self._host_io, prepare, self._store, self._tree, job_id, spec, env, lookup, record
         )
         group = prep.group
         # Pumped from before the spawn: the job's first bytes are taken in the order written.
@@ -313,15 +322,7 @@ class JobManager:
         except BaseException:
             await abandon_start(self._store, self._tree, self._watcher, job_id, prep, pump)
             raise
-        status = JobStatus(
-            id=job_id,
-            state=JobState.RUNNING,
-            argv=spec.argv,
-            owner=spec.owner,
-            pid=spawned.pid,
-            started_at=_now(),
-            limits=spec.limits,
-        )
+        status = replace(record, pid=spawned.pid, started_at=_now())
         job = Job(spec, status)
         job.group, job.pump = group, pump
         job.input = JobInput(prep.input_w, spec.terminal is not None) if spec.stdin else None
@@ -333,10 +334,6 @@ class JobManager:
             self._deadlines[job_id] = asyncio.get_running_loop().call_later(
                 spec.timeout, self._on_deadline, job
             )
-        try:
-            await self._store.save_async(spec, status, new=True)
-        except HostError:
-            log.exception("job %s: record not written at start", job_id)
         return status
 
     def _fast(self, spec: JobSpec, creds: Credentials) -> bool:

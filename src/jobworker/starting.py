@@ -16,12 +16,12 @@ from jobworker.cgroup import controllers
 from jobworker.cgroup.tree import CgroupTree, open_procs
 from jobworker.cgroup.watch import EventsWatcher
 from jobworker.ending import EOF_TIMEOUT
-from jobworker.errors import JobworkerError
+from jobworker.errors import HostError, JobworkerError
 from jobworker.outlog import LogFiles
 from jobworker.output import OutputPump, make_pipe
 from jobworker.runtime import kill_until_empty
 from jobworker.spawn.lookup import resolve_command
-from jobworker.spec import Credentials, JobSpec
+from jobworker.spec import Credentials, JobSpec, JobStatus
 from jobworker.store import Store
 from jobworker.terminal import open_pty
 
@@ -80,9 +80,17 @@ def prepare(
     spec: JobSpec,
     env: dict[str, str],
     lookup: bool = False,
+    record: JobStatus | None = None,
 ) -> Prepared:
     """Everything a start needs before the spawn; all of it undone on failure. With
-    ``lookup`` the command and cwd are checked by the spawner's child instead."""
+    ``lookup`` the command and cwd are checked by the spawner's child instead.
+
+    ``record``: the job's start record (state running, pid 0: not known yet), written last,
+    here on the host-I/O thread rather than by the store's writer after the spawn: the start
+    then waits for no second thread hop, nor behind the writer's batch of synced end records,
+    and a crash after the spawn always finds the record. Not written is not fatal (logged):
+    a job without a start record reads as lost at the next recovery, its output kept. On a
+    failed start :func:`abandon_start` discards it with the logs."""
     path = spec.argv[0] if lookup else resolve_command(spec.argv[0], env["PATH"], spec.cwd)
     with contextlib.ExitStack() as undo:
         files = store.create(job_id)
@@ -115,6 +123,11 @@ def prepare(
             undo.callback(close_quietly, input_w)
         procs_fd = open_procs(group)
         undo.pop_all()
+    if record is not None:
+        try:
+            store.save(spec, record, new=True)
+        except HostError:
+            log.exception("job %s: record not written at start", job_id)
     return Prepared(path, files, group, out_r, out_w, err_r, err_w, procs_fd, stdin_r, input_w)
 
 

@@ -2,20 +2,23 @@
 stdout), ``<id>.err`` (its stderr) and ``<id>.idx`` (the index that interleaves them; the
 format: :mod:`jobworker.outlog`).
 
-The record is created when the job starts and replaced atomically (temp file + rename) when it
-ends, so after any crash each record is either the running one or the final one. The final
-write is durable: the log (its files that are not empty), the new record and the directory
-are synced (``fdatasync``), so a
+The record is created when the job starts and replaced atomically when it ends (written into
+a pool file and exchanged with it, or a temp file renamed over it), so after any crash each
+record is either the running one or the final one. The final write is durable: the log (its
+files that are not empty), the new record and the directory are synced (``fdatasync``), so a
 power cut after a job's end loses neither its output nor its outcome (the start record is not
 synced: one lost or cut short reads as a job lost while running). The writer thread takes the
 records asked for meanwhile as one batch: each one's files are synced, the directory once for
 the batch, and no :meth:`Store.save_async` returns before the directory sync that follows its
-rename. Flat files, no directory per job: on slow
+exchange or rename. Flat files, no directory per job: on slow
 disks every metadata operation shows in the start latency. Everything is 0600 in a 0700
 directory: jobs and other users cannot read other jobs' output or specs.
 
 Recovery never deletes a log: a log whose record is missing or unreadable is a ``lost`` job
 with its output kept.
+
+A start's four files (the logs, the index, the record) come from a pool of empty files that
+the writer thread makes ahead (:mod:`jobworker.storepool`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from jobworker.errors import HostError
 from jobworker.limits import IOLimit, Limits
 from jobworker.outlog import ERR, IDX, LogFiles, LogPaths, repair
 from jobworker.spec import JobSpec, JobState, JobStatus, Network, Sandbox, TerminalSize, Usage
+from jobworker.storepool import FilePool
 
 RECORD = ".json"
 LOG = ".log"
@@ -61,6 +65,7 @@ class Store:
         """``fsync`` makes the final record durable (tests pass one that records its fds)."""
         self.root = state_dir
         self.jobs = state_dir / "jobs"
+        self.pool = state_dir / "pool"
         self._fsync = fsync
         self._lock_fd = -1
         # One thread writes records, in the order asked: on slow disks a create+write+rename
@@ -71,6 +76,7 @@ class Store:
         self._queue: collections.deque[_Queued] = collections.deque()
         self._queue_lock = threading.Lock()
         self._draining = False
+        self._pool = FilePool(self.pool, self._writer)
 
     def setup(self) -> None:
         """Create the state directory and lock it (flock) against a second manager."""
@@ -78,12 +84,14 @@ class Store:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.root, 0o700)
             self.jobs.mkdir(mode=0o700, exist_ok=True)
+            self.pool.mkdir(mode=0o700, exist_ok=True)
         except OSError as e:
             raise HostError(f"cannot create the state directory {self.root}: {e.strerror}") from e
         self._lock_fd = lock_directory(
             self.root, f"state directory {self.root} is in use by another jobworker manager"
         )
         self._writer.submit(int).result()  # start the writer thread now, not mid-run
+        self._pool.adopt()
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
@@ -124,8 +132,7 @@ class Store:
         paths = self.log_paths(job_id)
         try:
             for path in (paths.out, paths.err, paths.idx):
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-                fds.append(os.open(path, flags, 0o600))
+                fds.append(self._pool.open_new(path))
         except OSError as e:
             for fd in fds:
                 os.close(fd)
@@ -172,21 +179,29 @@ class Store:
             {"version": _VERSION, "spec": spec_to_dict(spec), **status_to_dict(status)}
         )
         final = self.record_path(status.id)
-        path = final if new else self.jobs / (status.id + TMP)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if new else os.O_TRUNC)
+        # A replacement is written into a pool file and swapped with the record
+        # (RENAME_EXCHANGE): the old record's inode goes back to the pool, none is made or
+        # freed. Without a pool file, a temp file renamed over the record.
+        spare = None if new else self._pool.take()
+        path = final if new else Path(spare) if spare is not None else self.jobs / (status.id + TMP)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_TRUNC
         durable = status.state.ended
         try:
             if durable:
                 self._sync_log(status.id)
-            fd = os.open(path, flags, 0o600)
+            fd = self._pool.open_new(path) if new else os.open(path, flags, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(data)
                 if durable:
                     f.flush()
                     self._fsync(f.fileno())
-            if not new:
+            if spare is not None:
+                self._pool.swap_in(spare, final)
+            elif not new:
                 os.replace(path, final)
         except OSError as e:
+            if spare is not None:
+                self._pool.give_back(spare)
             raise HostError(f"cannot write the record of job {status.id}: {e.strerror}") from e
         return durable
 

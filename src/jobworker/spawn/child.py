@@ -59,8 +59,13 @@ import struct
 import sys
 import termios
 import types
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+
+# Not `typing` at run time: it is the largest module this process would import (~0.9 MB of
+# its heap), and every fork copies (and every exec tears down) the page tables of that heap.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
 
 
 def _sibling(name: str) -> types.ModuleType:

@@ -17,7 +17,10 @@ import resource
 import signal
 import socket
 import struct
-from typing import Any
+
+TYPE_CHECKING = False  # `typing` is not imported at run time: see child.py
+if TYPE_CHECKING:
+    from typing import Any
 
 PR_SET_NAME = 15
 CLONE_NEWNS = 0x00020000
