@@ -2,15 +2,15 @@
 stdout), ``<id>.err`` (its stderr) and ``<id>.idx`` (the index that interleaves them; the
 format: :mod:`jobworker.outlog`).
 
-The record is created when the job starts and replaced atomically when it ends (written into
-a pool file and exchanged with it, or a temp file renamed over it), so after any crash each
+The record is created when the job starts and replaced atomically when it ends (a temp file
+renamed over it), so after any crash each
 record is either the running one or the final one. The final write is durable: the log (its
 files that are not empty), the new record and the directory are synced (``fdatasync``), so a
 power cut after a job's end loses neither its output nor its outcome (the start record is not
 synced: one lost or cut short reads as a job lost while running). The writer thread takes the
 records asked for meanwhile as one batch: each one's files are synced, the directory once for
 the batch, and no :meth:`Store.save_async` returns before the directory sync that follows its
-exchange or rename. Flat files, no directory per job: on slow
+rename. Flat files, no directory per job: on slow
 disks every metadata operation shows in the start latency. Everything is 0600 in a 0700
 directory: jobs and other users cannot read other jobs' output or specs.
 
@@ -179,11 +179,7 @@ class Store:
             {"version": _VERSION, "spec": spec_to_dict(spec), **status_to_dict(status)}
         )
         final = self.record_path(status.id)
-        # A replacement is written into a pool file and swapped with the record
-        # (RENAME_EXCHANGE): the old record's inode goes back to the pool, none is made or
-        # freed. Without a pool file, a temp file renamed over the record.
-        spare = None if new else self._pool.take()
-        path = final if new else Path(spare) if spare is not None else self.jobs / (status.id + TMP)
+        path = final if new else self.jobs / (status.id + TMP)
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_TRUNC
         durable = status.state.ended
         try:
@@ -195,13 +191,9 @@ class Store:
                 if durable:
                     f.flush()
                     self._fsync(f.fileno())
-            if spare is not None:
-                self._pool.swap_in(spare, final)
-            elif not new:
+            if not new:
                 os.replace(path, final)
         except OSError as e:
-            if spare is not None:
-                self._pool.give_back(spare)
             raise HostError(f"cannot write the record of job {status.id}: {e.strerror}") from e
         return durable
 
