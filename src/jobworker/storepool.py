@@ -56,8 +56,7 @@ class FilePool:
 
     def adopt(self) -> None:
         """Remove what an earlier store left in the pool, then have it refilled. None of it is
-        reused: a crash may have left a file linked under a job's name too (written since),
-        and a file from an earlier boot would give a job that writes nothing a stale mtime."""
+        reused: a crash may have left a file linked under a job's name too (written since)."""
         try:
             names = os.listdir(self.directory)
         except OSError as e:
@@ -152,5 +151,8 @@ class FilePool:
                 else:
                     with contextlib.suppress(OSError):
                         os.unlink(spare)
+                        # Made when the pool was refilled: its times become the job's, as a
+                        # file created now would have (recovery dates a record-less log by them).
+                        os.utime(fd)
                     return fd
         return os.open(path, _CREATE, 0o600)

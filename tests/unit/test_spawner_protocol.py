@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from types import SimpleNamespace
 from typing import cast
@@ -184,3 +185,19 @@ async def _start_job(spawner: Spawner) -> Spawned:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_the_spawner_script_imports_no_typing() -> None:
+    """Run as the daemon runs it (``python -I -S child.py``), the spawner loads no ``typing``
+    (nor does its sandbox module): every fork copies the page tables of what it imported."""
+    path = spawner_script.__file__
+    probe = (
+        "import sys; "
+        f"exec(compile(open({path!r}).read(), {path!r}, 'exec'), "
+        f"{{'__name__': 'spawner_probe', '__file__': {path!r}}}); "
+        "print('typing' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"

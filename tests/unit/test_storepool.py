@@ -144,3 +144,13 @@ def test_a_pool_that_cannot_be_refilled_warns_once(
     warnings = [r for r in caplog.records if "cannot be refilled" in r.getMessage()]
     assert len(warnings) == 1
     assert all(s.log_path(f"j{i}").exists() for i in range(20))
+
+
+def test_a_log_from_the_pool_is_dated_by_its_start_not_by_the_refill(store: Store) -> None:
+    """Recovery dates a log whose record is lost by the log's mtime: a pool file made long
+    before the job must not lend it its own."""
+    for name in os.listdir(store.pool):
+        os.utime(store.pool / name, (0, 0))
+    store.create("j1").close()
+    age = datetime.now(UTC).timestamp() - store.log_path("j1").stat().st_mtime
+    assert 0 <= age < 60
